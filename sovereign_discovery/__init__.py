@@ -1,0 +1,100 @@
+"""sovereign_discovery: fully decentralised peer discovery.
+
+Peers are Ed25519 keys; contact information is a signed, self-certifying :class:`PeerRecord`; the
+Kademlia :class:`RoutingTable` finds the peers closest to any ID, its hot path in a C kernel with a
+pure-Python twin. ``KERNEL`` says which kernel is active (``"c"`` or ``"python"``) and
+``KERNEL_REASON`` why. Exceptions are listed in :mod:`sovereign_discovery.errors`.
+"""
+
+from __future__ import annotations
+
+from .addresses import Address
+from .constants import DEFAULT_BUCKET_SIZE, MAX_DATAGRAM_BYTES, MAX_RECORD_BYTES
+from .errors import (
+    ArgumentTypeError,
+    ArgumentValueError,
+    BadSignatureError,
+    DecodeError,
+    InsecureKeyFileError,
+    KernelFallbackWarning,
+    KernelUnavailableError,
+    KeyFileError,
+    MalformedRecordError,
+    RecordError,
+    RecordExpiredError,
+    RecordFromFutureError,
+    RecordTooLargeError,
+    SovereignDiscoveryError,
+)
+from .identity import (
+    Identity,
+    SignaturePurpose,
+    encode_public_key,
+    parse_public_key,
+    verify_signature,
+)
+from .keys import KERNEL, KERNEL_REASON, Distance, KeyspaceIndex, NodeId, bucket_index, distance
+from .records import PeerRecord
+from .routing import (
+    Contact,
+    DiversityLimits,
+    Full,
+    Inserted,
+    InsertResult,
+    Pending,
+    Rejected,
+    Removed,
+    RoutingTable,
+    Updated,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "KERNEL",
+    "KERNEL_REASON",
+    # identities and records
+    "Identity",
+    "SignaturePurpose",
+    "verify_signature",
+    "encode_public_key",
+    "parse_public_key",
+    "NodeId",
+    "Distance",
+    "distance",
+    "bucket_index",
+    "Address",
+    "PeerRecord",
+    # routing
+    "Contact",
+    "RoutingTable",
+    "DiversityLimits",
+    "InsertResult",
+    "Inserted",
+    "Updated",
+    "Pending",
+    "Full",
+    "Rejected",
+    "Removed",
+    "KeyspaceIndex",
+    # limits
+    "DEFAULT_BUCKET_SIZE",
+    "MAX_DATAGRAM_BYTES",
+    "MAX_RECORD_BYTES",
+    # errors
+    "SovereignDiscoveryError",
+    "ArgumentTypeError",
+    "ArgumentValueError",
+    "DecodeError",
+    "RecordError",
+    "MalformedRecordError",
+    "RecordTooLargeError",
+    "BadSignatureError",
+    "RecordExpiredError",
+    "RecordFromFutureError",
+    "KeyFileError",
+    "InsecureKeyFileError",
+    "KernelUnavailableError",
+    "KernelFallbackWarning",
+]

@@ -1,0 +1,195 @@
+"""The keyspace kernel in pure Python: the executable specification of ``_keyspace.c``.
+
+Both modules export the same four functions with the same argument checks, in the same order,
+raising the same exception classes (from :mod:`sovereign_discovery.errors`) and giving the same
+results. The differential tests hold them to that. Bits are numbered from the most significant
+bit of byte 0; IDs compare as 160-bit big-endian unsigned integers, which is also ``bytes`` order.
+
+Table layout used by :func:`closest_in_table` and :func:`find_in_bucket` (see ``routing.py``):
+bucket ``b`` owns slots ``b * bucket_size .. b * bucket_size + sizes[b] - 1``; slot ``s`` holds
+the ID ``ids[20 * s : 20 * s + 20]`` and the object ``contacts[s]``.
+"""
+
+from __future__ import annotations
+
+from .errors import ArgumentTypeError, ArgumentValueError
+
+ID_BYTES = 20
+ID_BITS = 160
+MAX_BUCKET_SIZE = 255
+
+__all__ = ["bucket_index", "find_in_bucket", "closest_in_table", "closest_in_sorted"]
+
+
+# --- argument checks (C mirrors these one by one, in this order) --------------------------------
+
+
+def _check_id(value: object, name: str) -> bytes:
+    if not isinstance(value, bytes):
+        raise ArgumentTypeError(f"{name} must be bytes (a NodeId), not {type(value).__name__}")
+    if len(value) != ID_BYTES:
+        raise ArgumentValueError(f"{name} must be {ID_BYTES} bytes long, not {len(value)}")
+    return value
+
+
+def _check_buffer(value: object, name: str) -> None:
+    if not isinstance(value, (bytes, bytearray)):
+        raise ArgumentTypeError(f"{name} must be bytes or bytearray, not {type(value).__name__}")
+
+
+def _check_list(value: object, name: str) -> None:
+    if not isinstance(value, list):
+        raise ArgumentTypeError(f"{name} must be a list, not {type(value).__name__}")
+
+
+def _check_int(value: object, name: str) -> int:
+    if not isinstance(value, int):
+        raise ArgumentTypeError(f"{name} must be an int, not {type(value).__name__}")
+    return value
+
+
+def _check_count(value: object) -> int:
+    count = _check_int(value, "count")
+    if count < 0:
+        raise ArgumentValueError(f"count must be >= 0, not {count}")
+    return count
+
+
+def _check_table(ids: object, contacts: object, sizes: object, bucket_size: object) -> None:
+    _check_buffer(ids, "ids")
+    _check_list(contacts, "contacts")
+    _check_buffer(sizes, "sizes")
+    _check_int(bucket_size, "bucket_size")
+    if not 1 <= bucket_size <= MAX_BUCKET_SIZE:  # type: ignore[operator]
+        raise ArgumentValueError(f"bucket_size must be in 1..{MAX_BUCKET_SIZE}, not {bucket_size}")
+
+
+def _check_capacity(ids: bytes, contacts: list, sizes: bytes, bucket_size: int) -> None:
+    slots = len(sizes) * bucket_size
+    if len(ids) < slots * ID_BYTES:
+        raise ArgumentValueError(f"ids holds {len(ids)} bytes, the layout needs {slots * ID_BYTES}")
+    if len(contacts) < slots:
+        raise ArgumentValueError(f"contacts holds {len(contacts)} items, the layout needs {slots}")
+    for size in sizes:
+        if size > bucket_size:
+            raise ArgumentValueError(f"sizes has a bucket of {size} > bucket_size {bucket_size}")
+
+
+def _key_at(keys: list, index: int) -> bytes:
+    key = keys[index]
+    if not isinstance(key, bytes):
+        raise ArgumentTypeError(f"keys[{index}] must be bytes, not {type(key).__name__}")
+    if len(key) != ID_BYTES:
+        raise ArgumentValueError(f"keys[{index}] must be {ID_BYTES} bytes long, not {len(key)}")
+    return key
+
+
+# --- the kernel --------------------------------------------------------------------------------
+
+
+def _common_prefix_bits(a: bytes, b: bytes) -> int:
+    x = int.from_bytes(a, "big") ^ int.from_bytes(b, "big")
+    return ID_BITS - x.bit_length()
+
+
+def bucket_index(local_id: bytes, node_id: bytes) -> int:
+    """Length in bits of the common prefix of two IDs: 0..159, or 160 when they are equal.
+
+    Kademlia puts a contact whose ID shares exactly ``i`` leading bits with the local ID into
+    bucket ``i`` (paper §2.2, in the shared-prefix form used by libp2p and discv5).
+    """
+    _check_id(local_id, "local_id")
+    _check_id(node_id, "node_id")
+    return _common_prefix_bits(local_id, node_id)
+
+
+def find_in_bucket(ids: bytes, first_slot: int, slot_count: int, node_id: bytes) -> int:
+    """The slot in ``first_slot .. first_slot + slot_count - 1`` whose ID is ``node_id``, or -1."""
+    _check_buffer(ids, "ids")
+    _check_int(first_slot, "first_slot")
+    _check_int(slot_count, "slot_count")
+    _check_id(node_id, "node_id")
+    if first_slot < 0 or slot_count < 0 or (first_slot + slot_count) * ID_BYTES > len(ids):
+        raise ArgumentValueError(
+            f"first_slot {first_slot} and slot_count {slot_count} exceed ids ({len(ids)} bytes)"
+        )
+    for slot in range(first_slot, first_slot + slot_count):
+        if ids[slot * ID_BYTES : slot * ID_BYTES + ID_BYTES] == node_id:
+            return slot
+    return -1
+
+
+def closest_in_table(
+    ids: bytes, contacts: list, sizes: bytes, bucket_size: int, target: bytes, count: int
+) -> list:
+    """The ``count`` occupied slots' objects closest to ``target`` by XOR, nearest first.
+
+    Exact: the result is what a full scan sorted by distance gives (IDs in a table are unique, so
+    there are no ties). Fewer than ``count`` objects when the table holds fewer.
+    """
+    _check_table(ids, contacts, sizes, bucket_size)
+    _check_id(target, "target")
+    count = _check_count(count)
+    _check_capacity(ids, contacts, sizes, bucket_size)  # type: ignore[arg-type]
+    goal = int.from_bytes(target, "big")
+    scored = []
+    for bucket, size in enumerate(sizes):
+        first = bucket * bucket_size
+        for slot in range(first, first + size):
+            node = int.from_bytes(ids[slot * ID_BYTES : slot * ID_BYTES + ID_BYTES], "big")
+            scored.append((node ^ goal, slot))
+    scored.sort()
+    return [contacts[slot] for _, slot in scored[:count]]
+
+
+def closest_in_sorted(keys: list, values: list, target: bytes, count: int) -> list:
+    """The ``count`` values whose keys are closest to ``target`` by XOR, nearest first.
+
+    ``keys`` is a list of distinct 20-byte IDs in ascending order and ``values`` the parallel
+    list. The keys closer to ``target`` than some bound form a subtree of the binary trie, and in
+    sorted order every subtree is a contiguous range. So the search descends: in a range whose keys
+    share their first ``d`` bits, the keys whose bit ``d`` equals the target's are all closer than
+    the others; take that half whole if it is not enough, and go on in the other. Each level is one
+    binary search, so a query costs O(log² n), not O(n). Only keys that the search reads are
+    checked, so the caller (``keys.KeyspaceIndex``) keeps the list valid.
+    """
+    _check_list(keys, "keys")
+    _check_list(values, "values")
+    _check_id(target, "target")
+    count = _check_count(count)
+    if len(values) != len(keys):
+        raise ArgumentValueError(f"values has {len(values)} items but keys has {len(keys)}")
+    need = min(count, len(keys))
+    chosen: list[int] = []
+    lo, hi = 0, len(keys)
+    while need > 0:
+        if hi - lo <= need:
+            chosen.extend(range(lo, hi))
+            break
+        first, last = _key_at(keys, lo), _key_at(keys, hi - 1)
+        depth = _common_prefix_bits(first, last)
+        if depth >= ID_BITS:
+            raise ArgumentValueError(f"keys must be distinct (keys[{lo}] == keys[{hi - 1}])")
+        byte, shift = depth >> 3, 7 - (depth & 7)
+        # first index whose bit `depth` is 1; keys[lo] has it 0 and keys[hi - 1] has it 1
+        left, right = lo + 1, hi - 1
+        while left < right:
+            middle = (left + right) >> 1
+            if (_key_at(keys, middle)[byte] >> shift) & 1:
+                right = middle
+            else:
+                left = middle + 1
+        if (target[byte] >> shift) & 1:
+            near, far = (left, hi), (lo, left)
+        else:
+            near, far = (lo, left), (left, hi)
+        near_size = near[1] - near[0]
+        if near_size >= need:
+            lo, hi = near
+        else:
+            chosen.extend(range(*near))
+            need -= near_size
+            lo, hi = far
+    goal = int.from_bytes(target, "big")
+    chosen.sort(key=lambda index: int.from_bytes(keys[index], "big") ^ goal)
+    return [values[index] for index in chosen]

@@ -1,0 +1,129 @@
+"""UDP addresses of peers (IPv4 and IPv6): parsing, text form, IP groups, and the binary encoding
+shared by peer records and (later) wire messages.
+
+Encoding of one address: ``kind (1 byte) || ip (4 or 16 bytes) || port (2 bytes, big-endian)``,
+with kind ``0x04`` = UDP over IPv4 and ``0x06`` = UDP over IPv6. Any other kind is rejected, as are
+port 0, unspecified (``0.0.0.0``, ``::``) and multicast addresses: a peer cannot be reached there.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Union
+
+from .errors import ArgumentTypeError, ArgumentValueError, DecodeError
+
+__all__ = ["Address", "IPAddress", "KIND_UDP4", "KIND_UDP6", "decode_address"]
+
+IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+
+KIND_UDP4 = 0x04
+KIND_UDP6 = 0x06
+_IP_BYTES = {KIND_UDP4: 4, KIND_UDP6: 16}
+
+
+def _check_reachable(ip: IPAddress, port: int) -> str | None:
+    if not 1 <= port <= 65535:
+        return f"port must be in 1..65535, not {port}"
+    if ip.is_unspecified:
+        return f"unspecified address {ip} is not reachable"
+    if ip.is_multicast:
+        return f"multicast address {ip} is not a peer address"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A reachable UDP endpoint. ``Address("192.0.2.1", 4000)``, ``Address.parse("[::1]:4000")``.
+
+    An IPv6 address may carry a zone (``fe80::1%eth0``) for local use; such an address cannot be
+    put in a record, since a zone means nothing on another machine.
+    """
+
+    ip: IPAddress
+    port: int
+
+    def __init__(self, ip: IPAddress | str, port: int) -> None:
+        if isinstance(ip, str):
+            try:
+                ip = ipaddress.ip_address(ip)
+            except ValueError as exc:
+                raise ArgumentValueError(f"ip: not an IP address: {ip!r}") from exc
+        elif not isinstance(ip, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+            raise ArgumentTypeError(f"ip must be a str or an ipaddress address, not {type(ip).__name__}")
+        if not isinstance(port, int) or isinstance(port, bool):
+            raise ArgumentTypeError(f"port must be an int, not {type(port).__name__}")
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped  # one form per endpoint: ::ffff:a.b.c.d is a.b.c.d
+        problem = _check_reachable(ip, port)
+        if problem:
+            raise ArgumentValueError(problem)
+        object.__setattr__(self, "ip", ip)
+        object.__setattr__(self, "port", port)
+
+    @classmethod
+    def parse(cls, text: str) -> "Address":
+        """Read ``host:port`` (IPv4) or ``[host]:port`` (IPv6). Names are not resolved here."""
+        if not isinstance(text, str):
+            raise ArgumentTypeError(f"address must be a str, not {type(text).__name__}")
+        if text.startswith("["):
+            host, sep, port = text[1:].partition("]:")
+        else:
+            host, sep, port = text.rpartition(":")
+            if ":" in host:
+                raise ArgumentValueError(f"address: write IPv6 as [host]:port, got {text!r}")
+        if not sep or not host or not port.isdigit():
+            raise ArgumentValueError(f"address must look like HOST:PORT or [HOST]:PORT, got {text!r}")
+        return cls(host, int(port))
+
+    @property
+    def version(self) -> int:
+        return self.ip.version
+
+    def ip_group(self, ipv4_prefix_bits: int = 24, ipv6_prefix_bits: int = 48) -> tuple[int, int]:
+        """``(version, network)`` of the address's /24 (IPv4) or /48 (IPv6) by default: the unit
+        for diversity limits (one operator rarely holds many such prefixes)."""
+        bits = ipv4_prefix_bits if self.ip.version == 4 else ipv6_prefix_bits
+        width = 32 if self.ip.version == 4 else 128
+        return self.ip.version, int(self.ip) >> (width - bits)
+
+    def to_tuple(self) -> tuple[str, int]:
+        """``(host, port)`` as asyncio and socket calls take it."""
+        return str(self.ip), self.port
+
+    def __str__(self) -> str:
+        return f"[{self.ip}]:{self.port}" if self.ip.version == 6 else f"{self.ip}:{self.port}"
+
+    def encode(self) -> bytes:
+        if isinstance(self.ip, ipaddress.IPv6Address) and self.ip.scope_id:
+            raise ArgumentValueError(f"address {self} has a zone; zoned addresses are local only")
+        kind = KIND_UDP4 if self.ip.version == 4 else KIND_UDP6
+        return bytes((kind,)) + self.ip.packed + self.port.to_bytes(2, "big")
+
+    @property
+    def encoded_size(self) -> int:
+        return 1 + len(self.ip.packed) + 2
+
+
+def decode_address(data: bytes, offset: int) -> tuple[Address, int]:
+    """Decode one address at ``data[offset:]``; returns it and the offset after it. Raises only
+    :class:`DecodeError`."""
+    if offset >= len(data):
+        raise DecodeError("truncated address: missing kind")
+    kind = data[offset]
+    ip_bytes = _IP_BYTES.get(kind)
+    if ip_bytes is None:
+        raise DecodeError(f"unknown address kind 0x{kind:02x}")
+    end = offset + 1 + ip_bytes + 2
+    if end > len(data):
+        raise DecodeError("truncated address")
+    raw = bytes(data[offset + 1 : offset + 1 + ip_bytes])
+    ip: IPAddress = ipaddress.IPv4Address(raw) if kind == KIND_UDP4 else ipaddress.IPv6Address(raw)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        raise DecodeError("IPv4-mapped IPv6 address must be encoded as IPv4")
+    port = int.from_bytes(data[end - 2 : end], "big")
+    problem = _check_reachable(ip, port)
+    if problem:
+        raise DecodeError(problem)
+    return Address(ip, port), end

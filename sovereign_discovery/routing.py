@@ -1,0 +1,1078 @@
+"""The Kademlia routing table: k-buckets by shared-prefix length, least-recently-seen order, a
+replacement cache per bucket, the liveness-check rule for full buckets, and optional diversity
+limits per IP prefix. No I/O and no clock: ``now`` is passed in, and a needed liveness check is
+*returned* (:class:`Pending`) for the engine to perform.
+
+Rules, with their sources:
+
+- Bucket ``i`` holds contacts whose ID shares exactly ``i`` leading bits with the local ID
+  (Kademlia paper §2.2 in the prefix form of libp2p). Buckets are unfolded on demand as
+  go-libp2p-kbucket does: the *last* bucket holds every contact with a common prefix of at least
+  its index, and it is split when it is full and a new contact belongs to it. The contents are
+  exactly those of a table with one bucket per prefix length (the model in the stateful test),
+  while a table of ``n`` contacts stores only about ``log2(n)`` buckets.
+- Within a bucket, entries are kept least-recently-seen first (paper §2.2). A contact heard from
+  again moves to the tail.
+- A new contact for a full bucket does not evict anyone: it waits in the bucket's replacement
+  cache, and the least-recently-seen entry must fail a liveness check first (paper §2.2, §4.1:
+  long-lived contacts are preferred). The table returns ``Pending(check=oldest)``; the engine pings
+  and reports back with :meth:`RoutingTable.touch` (alive) or :meth:`RoutingTable.remove` (failed),
+  which promotes the most recently seen replacement.
+- ``closest`` is exact: it equals a full scan sorted by XOR distance (the oracle of the tests).
+
+Storage is flat so that the C kernel can scan it: bucket ``b`` owns ``bucket_size`` fixed slots,
+its IDs packed in one ``bytearray`` and its contacts in one ``list``; ``sizes[b]`` says how many
+are used. That is about 28 bytes per contact beyond the contact object itself.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from types import ModuleType
+
+from . import keys
+from .addresses import Address
+from .constants import (
+    DEFAULT_BUCKET_SIZE,
+    DEFAULT_REPLACEMENT_CACHE_SIZE,
+    MAX_BUCKET_SIZE,
+    MAX_REPLACEMENT_CACHE_SIZE,
+    NODE_ID_BITS,
+    NODE_ID_BYTES,
+    PUBLIC_KEY_BYTES,
+)
+from .errors import ArgumentTypeError, ArgumentValueError
+from .keys import NodeId
+
+__all__ = [
+    "Contact",
+    "RoutingTable",
+    "DiversityLimits",
+    "InsertResult",
+    "Inserted",
+    "Updated",
+    "Pending",
+    "Full",
+    "Rejected",
+    "Removed",
+]
+
+_ID = NODE_ID_BYTES
+
+
+@dataclass(frozen=True, slots=True)
+class Contact:
+    """A peer as the routing table knows it: its public key, where it was reached, and the node ID
+    *derived* from the key (never taken from the wire)."""
+
+    public_key: bytes
+    address: Address
+    node_id: NodeId = field(init=False, compare=False)
+
+    def __init__(self, public_key: bytes, address: Address) -> None:
+        if not isinstance(public_key, bytes):
+            raise ArgumentTypeError(f"public_key must be bytes, not {type(public_key).__name__}")
+        if len(public_key) != PUBLIC_KEY_BYTES:
+            raise ArgumentValueError(
+                f"public_key must be {PUBLIC_KEY_BYTES} bytes long, not {len(public_key)}"
+            )
+        if not isinstance(address, Address):
+            raise ArgumentTypeError(f"address must be an Address, not {type(address).__name__}")
+        object.__setattr__(self, "public_key", bytes(public_key))
+        object.__setattr__(self, "address", address)
+        object.__setattr__(self, "node_id", NodeId.from_public_key(public_key))
+
+    def __repr__(self) -> str:
+        return f"Contact({self.node_id.short()}… at {self.address})"
+
+
+# --- results -----------------------------------------------------------------------------------
+
+
+class InsertResult:
+    """What :meth:`RoutingTable.insert` did. Match on the subclass."""
+
+    __slots__ = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Inserted(InsertResult):
+    """The contact is new and took a free slot."""
+
+    contact: Contact
+
+
+@dataclass(frozen=True, slots=True)
+class Updated(InsertResult):
+    """The contact was already in the table: it moved to the most-recently-seen end of its bucket,
+    and its address is the one given now."""
+
+    contact: Contact
+
+
+@dataclass(frozen=True, slots=True)
+class Pending(InsertResult):
+    """The bucket is full. ``contact`` waits in the replacement cache, and the engine should now
+    check whether ``check`` (the least-recently-seen entry) is alive, then report with
+    :meth:`RoutingTable.touch` or :meth:`RoutingTable.remove`."""
+
+    contact: Contact
+    check: Contact
+
+
+@dataclass(frozen=True, slots=True)
+class Full(InsertResult):
+    """The bucket is full and a liveness check of ``checking`` is already under way; ``contact``
+    waits in the replacement cache (if the cache has room for it)."""
+
+    contact: Contact
+    checking: Contact
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected(InsertResult):
+    """Not admitted: ``reason`` is ``"own-id"`` or ``"diversity-bucket"`` /
+    ``"diversity-table"`` (too many contacts from one IP prefix)."""
+
+    contact: Contact
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Removed:
+    """What :meth:`RoutingTable.remove` took out, and the replacement promoted into the bucket in
+    its place (``None`` if the cache had none)."""
+
+    contact: Contact
+    promoted: Contact | None
+
+
+@dataclass(frozen=True, slots=True)
+class DiversityLimits:
+    """At most ``max_per_bucket`` contacts of one IP group in a bucket and ``max_per_table`` in
+    the table (``None`` = no limit). A group is an IPv4 /24 or an IPv6 /48 by default
+    (go-libp2p-kad-dht applies such filters per bucket and per table). Off unless the engine
+    switches it on, since a test network on one host is all one group."""
+
+    max_per_bucket: int | None = 2
+    max_per_table: int | None = 10
+    ipv4_prefix_bits: int = 24
+    ipv6_prefix_bits: int = 48
+
+    def __post_init__(self) -> None:
+        for name in ("max_per_bucket", "max_per_table"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ArgumentValueError(f"{name} must be None or an int >= 1, not {value!r}")
+        if not 1 <= self.ipv4_prefix_bits <= 32:
+            raise ArgumentValueError(f"ipv4_prefix_bits must be in 1..32, not {self.ipv4_prefix_bits}")
+        if not 1 <= self.ipv6_prefix_bits <= 128:
+            raise ArgumentValueError(f"ipv6_prefix_bits must be in 1..128, not {self.ipv6_prefix_bits}")
+
+    def group(self, contact: Contact) -> tuple[int, int]:
+        return contact.address.ip_group(self.ipv4_prefix_bits, self.ipv6_prefix_bits)
+
+
+# --- the table ---------------------------------------------------------------------------------
+
+
+def _check_contact(contact: object) -> Contact:
+    """Any object with a 20-byte ``node_id`` (and an ``address`` if diversity limits are on) can
+    be an entry: the engine stores :class:`Contact`, tests and simulators lighter stand-ins."""
+    node_id = getattr(contact, "node_id", None)
+    if not isinstance(node_id, bytes) or len(node_id) != _ID:
+        raise ArgumentTypeError(
+            f"contact must be a Contact (an object with a {_ID}-byte node_id),"
+            f" not {type(contact).__name__}"
+        )
+    return contact  # type: ignore[return-value]
+
+
+def _check_now(now: object) -> float:
+    if not isinstance(now, (int, float)) or isinstance(now, bool):
+        raise ArgumentTypeError(f"now must be a number (monotonic seconds), not {type(now).__name__}")
+    return float(now)
+
+
+class RoutingTable:
+    """A Kademlia routing table for ``local_id``. See the module docstring for the rules."""
+
+    __slots__ = (
+        "_local",
+        "_k",
+        "_cache_size",
+        "_kernel",
+        "_ids",
+        "_slots",
+        "_sizes",
+        "_activity",
+        "_replacements",
+        "_checking",
+        "_count",
+        "_diversity",
+        "_groups",
+    )
+
+    def __init__(
+        self,
+        local_id: bytes,
+        *,
+        bucket_size: int = DEFAULT_BUCKET_SIZE,
+        replacement_cache_size: int = DEFAULT_REPLACEMENT_CACHE_SIZE,
+        diversity: DiversityLimits | None = None,
+        now: float = 0.0,
+        kernel: ModuleType | None = None,
+    ) -> None:
+        if not isinstance(local_id, bytes):
+            raise ArgumentTypeError(f"local_id must be a NodeId, not {type(local_id).__name__}")
+        if len(local_id) != NODE_ID_BYTES:
+            raise ArgumentValueError(f"local_id must be {NODE_ID_BYTES} bytes long, not {len(local_id)}")
+        if not isinstance(bucket_size, int) or not 1 <= bucket_size <= MAX_BUCKET_SIZE:
+            raise ArgumentValueError(f"bucket_size must be an int in 1..{MAX_BUCKET_SIZE}, not {bucket_size!r}")
+        if not isinstance(replacement_cache_size, int) or not (
+            0 <= replacement_cache_size <= MAX_REPLACEMENT_CACHE_SIZE
+        ):
+            raise ArgumentValueError(
+                f"replacement_cache_size must be an int in 0..{MAX_REPLACEMENT_CACHE_SIZE},"
+                f" not {replacement_cache_size!r}"
+            )
+        self._local = NodeId(local_id)
+        self._k = bucket_size
+        self._cache_size = replacement_cache_size
+        self._kernel = kernel or keys.kernel_module()
+        self._ids = bytearray(bucket_size * _ID)
+        self._slots: list[Contact | None] = [None] * bucket_size
+        self._sizes = bytearray(1)
+        self._activity: list[float] = [_check_now(now)]
+        self._replacements: list[list[Contact] | None] = [None]
+        self._checking: list[Contact | None] = [None]
+        self._count = 0
+        self._diversity: DiversityLimits | None = None
+        self._groups: dict[tuple[int, int], int] = {}
+        self.diversity = diversity
+
+    # --- inspection -----------------------------------------------------------------------------
+
+    @property
+    def local_id(self) -> NodeId:
+        return self._local
+
+    @property
+    def bucket_size(self) -> int:
+        return self._k
+
+    @property
+    def bucket_count(self) -> int:
+        """Buckets unfolded so far (the last one holds every deeper prefix)."""
+        return len(self._sizes)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __contains__(self, node_id: object) -> bool:
+        return isinstance(node_id, bytes) and len(node_id) == _ID and self.get(node_id) is not None
+
+    def __iter__(self) -> Iterator[Contact]:
+        """Every contact, bucket by bucket, least recently seen first within a bucket."""
+        for bucket in range(len(self._sizes)):
+            yield from self.bucket(bucket)
+
+    def bucket_index(self, node_id: bytes) -> int:
+        """The bucket ``node_id`` belongs in now. Raises for the local ID itself."""
+        prefix = self._kernel.bucket_index(self._local, node_id)
+        if prefix >= NODE_ID_BITS:
+            raise ArgumentValueError("node_id is the local ID, which has no bucket")
+        return min(prefix, len(self._sizes) - 1)
+
+    def bucket(self, index: int) -> list[Contact]:
+        """The contacts of bucket ``index``, least recently seen first."""
+        self._check_bucket(index)
+        first = index * self._k
+        return self._slots[first : first + self._sizes[index]]  # type: ignore[return-value]
+
+    def bucket_sizes(self) -> list[int]:
+        return list(self._sizes)
+
+    def replacements(self, index: int) -> list[Contact]:
+        """Bucket ``index``'s replacement cache, most recently seen last."""
+        self._check_bucket(index)
+        return list(self._replacements[index] or ())
+
+    def checking(self, index: int) -> Contact | None:
+        """The entry of bucket ``index`` whose liveness check is under way, if any."""
+        self._check_bucket(index)
+        return self._checking[index]
+
+    def get(self, node_id: bytes) -> Contact | None:
+        bucket, slot = self._locate(node_id)
+        return self._slots[slot] if slot >= 0 else None
+
+    def closest(self, target: bytes, count: int = DEFAULT_BUCKET_SIZE) -> list[Contact]:
+        """The ``count`` contacts nearest ``target`` by XOR distance, nearest first. Exact."""
+        return self._kernel.closest_in_table(self._ids, self._slots, self._sizes, self._k, target, count)
+
+    # --- changes --------------------------------------------------------------------------------
+
+    def insert(self, contact: Contact, now: float) -> InsertResult:
+        """Record that ``contact`` was seen (it proved its key). See :class:`InsertResult`."""
+        _check_contact(contact)
+        now = _check_now(now)
+        node_id = contact.node_id
+        if node_id == self._local:
+            return Rejected(contact, "own-id")
+        bucket, slot = self._locate(node_id)
+        if slot >= 0:
+            self._replace_in_slot(slot, contact)
+            self._move_to_tail(bucket, slot)
+            self._clear_check(bucket, node_id)
+            self._activity[bucket] = now
+            return Updated(contact)
+        while self._sizes[bucket] == self._k and bucket == len(self._sizes) - 1 and bucket < NODE_ID_BITS - 1:
+            self._split_last()
+            bucket = self.bucket_index(node_id)
+        refusal = self._diversity_refusal(contact, bucket)
+        if refusal:
+            return Rejected(contact, refusal)
+        self._activity[bucket] = now
+        if self._sizes[bucket] < self._k:
+            self._drop_replacement(bucket, node_id)
+            self._append(bucket, contact)
+            return Inserted(contact)
+        self._remember_replacement(bucket, contact)
+        checking = self._checking[bucket]
+        if checking is not None:
+            return Full(contact, checking)
+        oldest = self._slots[bucket * self._k]
+        assert oldest is not None
+        self._checking[bucket] = oldest
+        return Pending(contact, oldest)
+
+    def touch(self, node_id: bytes, now: float) -> bool:
+        """``node_id`` answered (e.g. passed its liveness check): move it to the most-recently-seen
+        end. False if it is not in the table."""
+        now = _check_now(now)
+        bucket, slot = self._locate(node_id)
+        if slot < 0:
+            return False
+        self._move_to_tail(bucket, slot)
+        self._clear_check(bucket, node_id)
+        self._activity[bucket] = now
+        return True
+
+    def remove(self, node_id: bytes, now: float) -> Removed | None:
+        """Take ``node_id`` out (it failed its liveness check, or must go for another reason) and
+        promote the most recently seen acceptable replacement. Also forgets it as a replacement.
+        ``None`` if it was in neither."""
+        now = _check_now(now)
+        bucket, slot = self._locate(node_id)
+        if slot < 0:
+            dropped = self._drop_replacement(bucket, node_id)
+            return Removed(dropped, None) if dropped is not None else None
+        contact = self._slots[slot]
+        assert contact is not None
+        self._delete_slot(bucket, slot)
+        self._clear_check(bucket, node_id)
+        promoted = self._promote_replacement(bucket)
+        if promoted is not None:
+            self._activity[bucket] = now
+        return Removed(contact, promoted)
+
+    # --- refresh (paper §2.3: refresh buckets with no lookup in the last interval) ------------------
+
+    def mark_bucket_active(self, index: int, now: float) -> None:
+        """A lookup went through bucket ``index`` (it counts as refreshed)."""
+        self._check_bucket(index)
+        self._activity[index] = _check_now(now)
+
+    def buckets_due_for_refresh(self, now: float, interval_s: float) -> list[int]:
+        """Buckets with no activity for ``interval_s`` seconds."""
+        now = _check_now(now)
+        return [i for i, last in enumerate(self._activity) if now - last >= interval_s]
+
+    def last_activity(self, index: int) -> float:
+        self._check_bucket(index)
+        return self._activity[index]
+
+    def random_id_in_bucket(self, index: int, rng: random.Random) -> NodeId:
+        """A random ID that shares exactly ``index`` leading bits with the local ID: the target of
+        a refresh lookup for that bucket."""
+        if not 0 <= index < NODE_ID_BITS:
+            raise ArgumentValueError(f"index must be in 0..{NODE_ID_BITS - 1}, not {index}")
+        local = self._local.to_int()
+        flip = 1 << (NODE_ID_BITS - 1 - index)
+        low = rng.getrandbits(NODE_ID_BITS - 1 - index) if index < NODE_ID_BITS - 1 else 0
+        keep = local >> (NODE_ID_BITS - index) << (NODE_ID_BITS - index) if index else 0
+        value = keep | ((local & flip) ^ flip) | low
+        return NodeId.from_int(value)
+
+    # --- diversity ------------------------------------------------------------------------------
+
+    @property
+    def diversity(self) -> DiversityLimits | None:
+        return self._diversity
+
+    @diversity.setter
+    def diversity(self, limits: DiversityLimits | None) -> None:
+        """Switch diversity limits on (or off with ``None``). Contacts already in the table stay;
+        the limits apply to what comes next."""
+        if limits is not None and not isinstance(limits, DiversityLimits):
+            raise ArgumentTypeError(f"diversity must be DiversityLimits or None, not {type(limits).__name__}")
+        self._diversity = limits
+        self._groups = {}
+        if limits is not None:
+            for contact in self:
+                group = limits.group(contact)
+                self._groups[group] = self._groups.get(group, 0) + 1
+
+    def _diversity_refusal(self, contact: Contact, bucket: int) -> str | None:
+        limits = self._diversity
+        if limits is None:
+            return None
+        group = limits.group(contact)
+        if limits.max_per_table is not None and self._groups.get(group, 0) >= limits.max_per_table:
+            return "diversity-table"
+        if limits.max_per_bucket is not None:
+            members = self.bucket(bucket)
+            if bucket == len(self._sizes) - 1:
+                # The last bucket aggregates deeper prefixes: count the contact's own prefix
+                # only, as a table with one bucket per prefix would.
+                prefix = self._kernel.bucket_index(self._local, contact.node_id)
+                members = [c for c in members
+                           if self._kernel.bucket_index(self._local, c.node_id) == prefix]
+            same = sum(1 for c in members if limits.group(c) == group)
+            if same >= limits.max_per_bucket:
+                return "diversity-bucket"
+        return None
+
+    def _count_group(self, contact: Contact, delta: int) -> None:
+        if self._diversity is not None:
+            group = self._diversity.group(contact)
+            left = self._groups.get(group, 0) + delta
+            if left > 0:
+                self._groups[group] = left
+            else:
+                self._groups.pop(group, None)
+
+    # --- slot mechanics -------------------------------------------------------------------------
+
+    def _check_bucket(self, index: int) -> None:
+        if not isinstance(index, int) or not 0 <= index < len(self._sizes):
+            raise ArgumentValueError(f"index must be a bucket in 0..{len(self._sizes) - 1}, not {index!r}")
+
+    def _locate(self, node_id: bytes) -> tuple[int, int]:
+        """(bucket, slot) of ``node_id``; slot is -1 when absent. Bucket is -1 for the local ID."""
+        prefix = self._kernel.bucket_index(self._local, node_id)
+        if prefix >= NODE_ID_BITS:
+            return -1, -1
+        bucket = min(prefix, len(self._sizes) - 1)
+        first = bucket * self._k
+        return bucket, self._kernel.find_in_bucket(self._ids, first, self._sizes[bucket], node_id)
+
+    def _append(self, bucket: int, contact: Contact) -> None:
+        slot = bucket * self._k + self._sizes[bucket]
+        self._ids[slot * _ID : slot * _ID + _ID] = contact.node_id
+        self._slots[slot] = contact
+        self._sizes[bucket] += 1
+        self._count += 1
+        self._count_group(contact, +1)
+
+    def _replace_in_slot(self, slot: int, contact: Contact) -> None:
+        old = self._slots[slot]
+        assert old is not None
+        if self._diversity is not None and old.address != contact.address:
+            self._count_group(old, -1)
+            self._count_group(contact, +1)
+        self._slots[slot] = contact
+
+    def _move_to_tail(self, bucket: int, slot: int) -> None:
+        end = bucket * self._k + self._sizes[bucket]
+        if slot == end - 1:
+            return
+        ids, slots = self._ids, self._slots
+        moved_id = ids[slot * _ID : slot * _ID + _ID]
+        ids[slot * _ID : end * _ID] = ids[slot * _ID + _ID : end * _ID] + moved_id
+        slots[slot:end] = slots[slot + 1 : end] + [slots[slot]]
+
+    def _delete_slot(self, bucket: int, slot: int) -> None:
+        end = bucket * self._k + self._sizes[bucket]
+        ids, slots = self._ids, self._slots
+        contact = slots[slot]
+        ids[slot * _ID : end * _ID] = ids[slot * _ID + _ID : end * _ID] + bytes(_ID)
+        slots[slot:end] = slots[slot + 1 : end] + [None]
+        self._sizes[bucket] -= 1
+        self._count -= 1
+        assert contact is not None
+        self._count_group(contact, -1)
+
+    def _clear_check(self, bucket: int, node_id: bytes) -> None:
+        checking = self._checking[bucket]
+        if checking is not None and checking.node_id == node_id:
+            self._checking[bucket] = None
+
+    def _remember_replacement(self, bucket: int, contact: Contact) -> None:
+        if self._cache_size == 0:
+            return
+        cache = self._replacements[bucket]
+        if cache is None:
+            cache = self._replacements[bucket] = []
+        for i, waiting in enumerate(cache):
+            if waiting.node_id == contact.node_id:
+                del cache[i]
+                break
+        cache.append(contact)
+        if len(cache) > self._cache_size:
+            del cache[0]
+
+    def _drop_replacement(self, bucket: int, node_id: bytes) -> Contact | None:
+        cache = self._replacements[bucket] if bucket >= 0 else None
+        if cache:
+            for i, waiting in enumerate(cache):
+                if waiting.node_id == node_id:
+                    return cache.pop(i)
+        return None
+
+    def _promote_replacement(self, bucket: int) -> Contact | None:
+        cache = self._replacements[bucket]
+        while cache:
+            candidate = cache.pop()
+            if self._diversity_refusal(candidate, bucket) is None:
+                self._append(bucket, candidate)
+                return candidate
+        return None
+
+    def _split_last(self) -> None:
+        """Unfold: the last bucket ``L`` keeps prefix length exactly ``L``; a new last bucket takes
+        every deeper contact, in the same least-recently-seen order. The table's contents do not
+        change, so neither do its counts."""
+        last = len(self._sizes) - 1
+        k = self._k
+        deeper = self._deeper_than(last)
+        first = last * k
+        members = self._slots[first : first + self._sizes[last]]
+        self._ids.extend(bytes(k * _ID))
+        self._slots.extend([None] * k)
+        self._sizes.append(0)
+        self._activity.append(self._activity[last])
+        self._replacements.append(None)
+        self._checking.append(None)
+        self._write_bucket(last, [c for c in members if not deeper(c)])
+        self._write_bucket(last + 1, [c for c in members if deeper(c)])
+        cache = self._replacements[last]
+        if cache:
+            self._replacements[last] = [c for c in cache if not deeper(c)] or None
+            self._replacements[last + 1] = [c for c in cache if deeper(c)] or None
+        checking = self._checking[last]
+        if checking is not None and deeper(checking):
+            self._checking[last], self._checking[last + 1] = None, checking
+
+    def _deeper_than(self, prefix: int):
+        local, index = self._local, self._kernel.bucket_index
+        return lambda contact: index(local, contact.node_id) > prefix
+
+    def _write_bucket(self, bucket: int, contacts: list[Contact]) -> None:
+        """Lay ``contacts`` out as bucket ``bucket``'s slots, in order."""
+        k = self._k
+        first = bucket * k
+        self._ids[first * _ID : (first + k) * _ID] = b"".join(c.node_id for c in contacts).ljust(k * _ID, b"\0")
+        self._slots[first : first + k] = contacts + [None] * (k - len(contacts))
+        self._sizes[bucket] = len(contacts)
+
+    def __repr__(self) -> str:
+        return f"Contact({self.node_id.short()}… at {self.address})"
+
+
+# --- results -----------------------------------------------------------------------------------
+
+
+class InsertResult:
+    """What :meth:`RoutingTable.insert` did. Match on the subclass."""
+
+    __slots__ = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Inserted(InsertResult):
+    """The contact is new and took a free slot."""
+
+    contact: Contact
+
+
+@dataclass(frozen=True, slots=True)
+class Updated(InsertResult):
+    """The contact was already in the table: it moved to the most-recently-seen end of its bucket,
+    and its address is the one given now."""
+
+    contact: Contact
+
+
+@dataclass(frozen=True, slots=True)
+class Pending(InsertResult):
+    """The bucket is full. ``contact`` waits in the replacement cache, and the engine should now
+    check whether ``check`` (the least-recently-seen entry) is alive, then report with
+    :meth:`RoutingTable.touch` or :meth:`RoutingTable.remove`."""
+
+    contact: Contact
+    check: Contact
+
+
+@dataclass(frozen=True, slots=True)
+class Full(InsertResult):
+    """The bucket is full and a liveness check of ``checking`` is already under way; ``contact``
+    waits in the replacement cache (if the cache has room for it)."""
+
+    contact: Contact
+    checking: Contact
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected(InsertResult):
+    """Not admitted: ``reason`` is ``"own-id"`` or ``"diversity-bucket"`` /
+    ``"diversity-table"`` (too many contacts from one IP prefix)."""
+
+    contact: Contact
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Removed:
+    """What :meth:`RoutingTable.remove` took out, and the replacement promoted into the bucket in
+    its place (``None`` if the cache had none)."""
+
+    contact: Contact
+    promoted: Contact | None
+
+
+@dataclass(frozen=True, slots=True)
+class DiversityLimits:
+    """At most ``max_per_bucket`` contacts of one IP group in a bucket and ``max_per_table`` in
+    the table (``None`` = no limit). A group is an IPv4 /24 or an IPv6 /48 by default
+    (go-libp2p-kad-dht applies such filters per bucket and per table). Off unless the engine
+    switches it on, since a test network on one host is all one group."""
+
+    max_per_bucket: int | None = 2
+    max_per_table: int | None = 10
+    ipv4_prefix_bits: int = 24
+    ipv6_prefix_bits: int = 48
+
+    def __post_init__(self) -> None:
+        for name in ("max_per_bucket", "max_per_table"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ArgumentValueError(f"{name} must be None or an int >= 1, not {value!r}")
+        if not 1 <= self.ipv4_prefix_bits <= 32:
+            raise ArgumentValueError(f"ipv4_prefix_bits must be in 1..32, not {self.ipv4_prefix_bits}")
+        if not 1 <= self.ipv6_prefix_bits <= 128:
+            raise ArgumentValueError(f"ipv6_prefix_bits must be in 1..128, not {self.ipv6_prefix_bits}")
+
+    def group(self, contact: Contact) -> tuple[int, int]:
+        return contact.address.ip_group(self.ipv4_prefix_bits, self.ipv6_prefix_bits)
+
+
+# --- the table ---------------------------------------------------------------------------------
+
+
+def _check_contact(contact: object) -> Contact:
+    """Any object with a 20-byte ``node_id`` (and an ``address`` if diversity limits are on) can
+    be an entry: the engine stores :class:`Contact`, tests and simulators lighter stand-ins."""
+    node_id = getattr(contact, "node_id", None)
+    if not isinstance(node_id, bytes) or len(node_id) != _ID:
+        raise ArgumentTypeError(
+            f"contact must be a Contact (an object with a {_ID}-byte node_id),"
+            f" not {type(contact).__name__}"
+        )
+    return contact  # type: ignore[return-value]
+
+
+def _check_now(now: object) -> float:
+    if not isinstance(now, (int, float)) or isinstance(now, bool):
+        raise ArgumentTypeError(f"now must be a number (monotonic seconds), not {type(now).__name__}")
+    return float(now)
+
+
+class RoutingTable:
+    """A Kademlia routing table for ``local_id``. See the module docstring for the rules."""
+
+    __slots__ = (
+        "_local",
+        "_k",
+        "_cache_size",
+        "_kernel",
+        "_ids",
+        "_slots",
+        "_sizes",
+        "_activity",
+        "_replacements",
+        "_checking",
+        "_count",
+        "_diversity",
+        "_groups",
+    )
+
+    def __init__(
+        self,
+        local_id: bytes,
+        *,
+        bucket_size: int = DEFAULT_BUCKET_SIZE,
+        replacement_cache_size: int = DEFAULT_REPLACEMENT_CACHE_SIZE,
+        diversity: DiversityLimits | None = None,
+        now: float = 0.0,
+        kernel: ModuleType | None = None,
+    ) -> None:
+        if not isinstance(local_id, bytes):
+            raise ArgumentTypeError(f"local_id must be a NodeId, not {type(local_id).__name__}")
+        if len(local_id) != NODE_ID_BYTES:
+            raise ArgumentValueError(f"local_id must be {NODE_ID_BYTES} bytes long, not {len(local_id)}")
+        if not isinstance(bucket_size, int) or not 1 <= bucket_size <= MAX_BUCKET_SIZE:
+            raise ArgumentValueError(f"bucket_size must be an int in 1..{MAX_BUCKET_SIZE}, not {bucket_size!r}")
+        if not isinstance(replacement_cache_size, int) or not (
+            0 <= replacement_cache_size <= MAX_REPLACEMENT_CACHE_SIZE
+        ):
+            raise ArgumentValueError(
+                f"replacement_cache_size must be an int in 0..{MAX_REPLACEMENT_CACHE_SIZE},"
+                f" not {replacement_cache_size!r}"
+            )
+        self._local = NodeId(local_id)
+        self._k = bucket_size
+        self._cache_size = replacement_cache_size
+        self._kernel = kernel or keys.kernel_module()
+        self._ids = bytearray(bucket_size * _ID)
+        self._slots: list[Contact | None] = [None] * bucket_size
+        self._sizes = bytearray(1)
+        self._activity: list[float] = [_check_now(now)]
+        self._replacements: list[list[Contact] | None] = [None]
+        self._checking: list[Contact | None] = [None]
+        self._count = 0
+        self._diversity: DiversityLimits | None = None
+        self._groups: dict[tuple[int, int], int] = {}
+        self.diversity = diversity
+
+    # --- inspection -----------------------------------------------------------------------------
+
+    @property
+    def local_id(self) -> NodeId:
+        return self._local
+
+    @property
+    def bucket_size(self) -> int:
+        return self._k
+
+    @property
+    def bucket_count(self) -> int:
+        """Buckets unfolded so far (the last one holds every deeper prefix)."""
+        return len(self._sizes)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __contains__(self, node_id: object) -> bool:
+        return isinstance(node_id, bytes) and len(node_id) == _ID and self.get(node_id) is not None
+
+    def __iter__(self) -> Iterator[Contact]:
+        """Every contact, bucket by bucket, least recently seen first within a bucket."""
+        for bucket in range(len(self._sizes)):
+            yield from self.bucket(bucket)
+
+    def bucket_index(self, node_id: bytes) -> int:
+        """The bucket ``node_id`` belongs in now. Raises for the local ID itself."""
+        prefix = self._kernel.bucket_index(self._local, node_id)
+        if prefix >= NODE_ID_BITS:
+            raise ArgumentValueError("node_id is the local ID, which has no bucket")
+        return min(prefix, len(self._sizes) - 1)
+
+    def bucket(self, index: int) -> list[Contact]:
+        """The contacts of bucket ``index``, least recently seen first."""
+        self._check_bucket(index)
+        first = index * self._k
+        return self._slots[first : first + self._sizes[index]]  # type: ignore[return-value]
+
+    def bucket_sizes(self) -> list[int]:
+        return list(self._sizes)
+
+    def replacements(self, index: int) -> list[Contact]:
+        """Bucket ``index``'s replacement cache, most recently seen last."""
+        self._check_bucket(index)
+        return list(self._replacements[index] or ())
+
+    def checking(self, index: int) -> Contact | None:
+        """The entry of bucket ``index`` whose liveness check is under way, if any."""
+        self._check_bucket(index)
+        return self._checking[index]
+
+    def get(self, node_id: bytes) -> Contact | None:
+        bucket, slot = self._locate(node_id)
+        return self._slots[slot] if slot >= 0 else None
+
+    def closest(self, target: bytes, count: int = DEFAULT_BUCKET_SIZE) -> list[Contact]:
+        """The ``count`` contacts nearest ``target`` by XOR distance, nearest first. Exact."""
+        return self._kernel.closest_in_table(self._ids, self._slots, self._sizes, self._k, target, count)
+
+    # --- changes --------------------------------------------------------------------------------
+
+    def insert(self, contact: Contact, now: float) -> InsertResult:
+        """Record that ``contact`` was seen (it proved its key). See :class:`InsertResult`."""
+        _check_contact(contact)
+        now = _check_now(now)
+        node_id = contact.node_id
+        if node_id == self._local:
+            return Rejected(contact, "own-id")
+        bucket, slot = self._locate(node_id)
+        if slot >= 0:
+            self._replace_in_slot(slot, contact)
+            self._move_to_tail(bucket, slot)
+            self._clear_check(bucket, node_id)
+            self._activity[bucket] = now
+            return Updated(contact)
+        while self._sizes[bucket] == self._k and bucket == len(self._sizes) - 1 and bucket < NODE_ID_BITS - 1:
+            self._split_last()
+            bucket = self.bucket_index(node_id)
+        refusal = self._diversity_refusal(contact, bucket)
+        if refusal:
+            return Rejected(contact, refusal)
+        self._activity[bucket] = now
+        if self._sizes[bucket] < self._k:
+            self._drop_replacement(bucket, node_id)
+            self._append(bucket, contact)
+            return Inserted(contact)
+        self._remember_replacement(bucket, contact)
+        checking = self._checking[bucket]
+        if checking is not None:
+            return Full(contact, checking)
+        oldest = self._slots[bucket * self._k]
+        assert oldest is not None
+        self._checking[bucket] = oldest
+        return Pending(contact, oldest)
+
+    def touch(self, node_id: bytes, now: float) -> bool:
+        """``node_id`` answered (e.g. passed its liveness check): move it to the most-recently-seen
+        end. False if it is not in the table."""
+        now = _check_now(now)
+        bucket, slot = self._locate(node_id)
+        if slot < 0:
+            return False
+        self._move_to_tail(bucket, slot)
+        self._clear_check(bucket, node_id)
+        self._activity[bucket] = now
+        return True
+
+    def remove(self, node_id: bytes, now: float) -> Removed | None:
+        """Take ``node_id`` out (it failed its liveness check, or must go for another reason) and
+        promote the most recently seen acceptable replacement. Also forgets it as a replacement.
+        ``None`` if it was in neither."""
+        now = _check_now(now)
+        bucket, slot = self._locate(node_id)
+        if slot < 0:
+            dropped = self._drop_replacement(bucket, node_id)
+            return Removed(dropped, None) if dropped is not None else None
+        contact = self._slots[slot]
+        assert contact is not None
+        self._delete_slot(bucket, slot)
+        self._clear_check(bucket, node_id)
+        promoted = self._promote_replacement(bucket)
+        if promoted is not None:
+            self._activity[bucket] = now
+        return Removed(contact, promoted)
+
+    # --- refresh (paper §2.3: refresh buckets with no lookup in the last interval) ------------------
+
+    def mark_bucket_active(self, index: int, now: float) -> None:
+        """A lookup went through bucket ``index`` (it counts as refreshed)."""
+        self._check_bucket(index)
+        self._activity[index] = _check_now(now)
+
+    def buckets_due_for_refresh(self, now: float, interval_s: float) -> list[int]:
+        """Buckets with no activity for ``interval_s`` seconds."""
+        now = _check_now(now)
+        return [i for i, last in enumerate(self._activity) if now - last >= interval_s]
+
+    def last_activity(self, index: int) -> float:
+        self._check_bucket(index)
+        return self._activity[index]
+
+    def random_id_in_bucket(self, index: int, rng: random.Random) -> NodeId:
+        """A random ID that shares exactly ``index`` leading bits with the local ID: the target of
+        a refresh lookup for that bucket."""
+        if not 0 <= index < NODE_ID_BITS:
+            raise ArgumentValueError(f"index must be in 0..{NODE_ID_BITS - 1}, not {index}")
+        local = self._local.to_int()
+        flip = 1 << (NODE_ID_BITS - 1 - index)
+        low = rng.getrandbits(NODE_ID_BITS - 1 - index) if index < NODE_ID_BITS - 1 else 0
+        keep = local >> (NODE_ID_BITS - index) << (NODE_ID_BITS - index) if index else 0
+        value = keep | ((local & flip) ^ flip) | low
+        return NodeId.from_int(value)
+
+    # --- diversity ------------------------------------------------------------------------------
+
+    @property
+    def diversity(self) -> DiversityLimits | None:
+        return self._diversity
+
+    @diversity.setter
+    def diversity(self, limits: DiversityLimits | None) -> None:
+        """Switch diversity limits on (or off with ``None``). Contacts already in the table stay;
+        the limits apply to what comes next."""
+        if limits is not None and not isinstance(limits, DiversityLimits):
+            raise ArgumentTypeError(f"diversity must be DiversityLimits or None, not {type(limits).__name__}")
+        self._diversity = limits
+        self._groups = {}
+        if limits is not None:
+            for contact in self:
+                group = limits.group(contact)
+                self._groups[group] = self._groups.get(group, 0) + 1
+
+    def _diversity_refusal(self, contact: Contact, bucket: int) -> str | None:
+        limits = self._diversity
+        if limits is None:
+            return None
+        group = limits.group(contact)
+        if limits.max_per_table is not None and self._groups.get(group, 0) >= limits.max_per_table:
+            return "diversity-table"
+        if limits.max_per_bucket is not None:
+            members = self.bucket(bucket)
+            if bucket == len(self._sizes) - 1:
+                # The last bucket aggregates deeper prefixes: count the contact's own prefix
+                # only, as a table with one bucket per prefix would.
+                prefix = self._kernel.bucket_index(self._local, contact.node_id)
+                members = [c for c in members
+                           if self._kernel.bucket_index(self._local, c.node_id) == prefix]
+            same = sum(1 for c in members if limits.group(c) == group)
+            if same >= limits.max_per_bucket:
+                return "diversity-bucket"
+        return None
+
+    def _count_group(self, contact: Contact, delta: int) -> None:
+        if self._diversity is not None:
+            group = self._diversity.group(contact)
+            left = self._groups.get(group, 0) + delta
+            if left > 0:
+                self._groups[group] = left
+            else:
+                self._groups.pop(group, None)
+
+    # --- slot mechanics -------------------------------------------------------------------------
+
+    def _check_bucket(self, index: int) -> None:
+        if not isinstance(index, int) or not 0 <= index < len(self._sizes):
+            raise ArgumentValueError(f"index must be a bucket in 0..{len(self._sizes) - 1}, not {index!r}")
+
+    def _locate(self, node_id: bytes) -> tuple[int, int]:
+        """(bucket, slot) of ``node_id``; slot is -1 when absent. Bucket is -1 for the local ID."""
+        prefix = self._kernel.bucket_index(self._local, node_id)
+        if prefix >= NODE_ID_BITS:
+            return -1, -1
+        bucket = min(prefix, len(self._sizes) - 1)
+        first = bucket * self._k
+        return bucket, self._kernel.find_in_bucket(self._ids, first, self._sizes[bucket], node_id)
+
+    def _append(self, bucket: int, contact: Contact) -> None:
+        slot = bucket * self._k + self._sizes[bucket]
+        self._ids[slot * _ID : slot * _ID + _ID] = contact.node_id
+        self._slots[slot] = contact
+        self._sizes[bucket] += 1
+        self._count += 1
+        self._count_group(contact, +1)
+
+    def _replace_in_slot(self, slot: int, contact: Contact) -> None:
+        old = self._slots[slot]
+        assert old is not None
+        if self._diversity is not None and old.address != contact.address:
+            self._count_group(old, -1)
+            self._count_group(contact, +1)
+        self._slots[slot] = contact
+
+    def _move_to_tail(self, bucket: int, slot: int) -> None:
+        end = bucket * self._k + self._sizes[bucket]
+        if slot == end - 1:
+            return
+        ids, slots = self._ids, self._slots
+        moved_id = ids[slot * _ID : slot * _ID + _ID]
+        ids[slot * _ID : end * _ID] = ids[slot * _ID + _ID : end * _ID] + moved_id
+        slots[slot:end] = slots[slot + 1 : end] + [slots[slot]]
+
+    def _delete_slot(self, bucket: int, slot: int) -> None:
+        end = bucket * self._k + self._sizes[bucket]
+        ids, slots = self._ids, self._slots
+        contact = slots[slot]
+        ids[slot * _ID : end * _ID] = ids[slot * _ID + _ID : end * _ID] + bytes(_ID)
+        slots[slot:end] = slots[slot + 1 : end] + [None]
+        self._sizes[bucket] -= 1
+        self._count -= 1
+        assert contact is not None
+        self._count_group(contact, -1)
+
+    def _clear_check(self, bucket: int, node_id: bytes) -> None:
+        checking = self._checking[bucket]
+        if checking is not None and checking.node_id == node_id:
+            self._checking[bucket] = None
+
+    def _remember_replacement(self, bucket: int, contact: Contact) -> None:
+        if self._cache_size == 0:
+            return
+        cache = self._replacements[bucket]
+        if cache is None:
+            cache = self._replacements[bucket] = []
+        for i, waiting in enumerate(cache):
+            if waiting.node_id == contact.node_id:
+                del cache[i]
+                break
+        cache.append(contact)
+        if len(cache) > self._cache_size:
+            del cache[0]
+
+    def _drop_replacement(self, bucket: int, node_id: bytes) -> Contact | None:
+        cache = self._replacements[bucket] if bucket >= 0 else None
+        if cache:
+            for i, waiting in enumerate(cache):
+                if waiting.node_id == node_id:
+                    return cache.pop(i)
+        return None
+
+    def _promote_replacement(self, bucket: int) -> Contact | None:
+        cache = self._replacements[bucket]
+        while cache:
+            candidate = cache.pop()
+            if self._diversity_refusal(candidate, bucket) is None:
+                self._append(bucket, candidate)
+                return candidate
+        return None
+
+    def _split_last(self) -> None:
+        """Unfold: the last bucket ``L`` keeps prefix length exactly ``L``; a new last bucket takes
+        every deeper contact, in the same least-recently-seen order."""
+        last = len(self._sizes) - 1
+        k = self._k
+        members = self.bucket(last)
+        stay = [c for c in members if self._kernel.bucket_index(self._local, c.node_id) == last]
+        move = [c for c in members if self._kernel.bucket_index(self._local, c.node_id) > last]
+        self._ids.extend(bytes(k * _ID))
+        self._slots.extend([None] * k)
+        self._sizes.append(0)
+        self._activity.append(self._activity[last])
+        self._replacements.append(None)
+        self._checking.append(None)
+        first = last * k
+        self._ids[first * _ID : (first + k) * _ID] = bytes(k * _ID)
+        self._slots[first : first + k] = [None] * k
+        self._sizes[last] = 0
+        self._count -= len(members)
+        for contact in members:
+            self._count_group(contact, -1)
+        for contact in stay:
+            self._append(last, contact)
+        for contact in move:
+            self._append(last + 1, contact)
+        cache = self._replacements[last]
+        if cache:
+            self._replacements[last] = [
+                c for c in cache if self._kernel.bucket_index(self._local, c.node_id) == last
+            ] or None
+            self._replacements[last + 1] = [
+                c for c in cache if self._kernel.bucket_index(self._local, c.node_id) > last
+            ] or None
+        checking = self._checking[last]
+        if checking is not None and self._kernel.bucket_index(self._local, checking.node_id) > last:
+            self._checking[last], self._checking[last + 1] = None, checking
+
+    def __repr__(self) -> str:
+        return f"RoutingTable({self._local.short()}…, {self._count} contacts in {len(self._sizes)} buckets)"

@@ -1,0 +1,28 @@
+"""Small test helpers shared by several test modules."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sovereign_discovery.addresses import Address
+
+_LOOPBACK = Address("127.0.0.1", 9)
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A routing-table entry whose ID the test chooses (real Contacts derive it from a key)."""
+
+    node_id: bytes
+    address: Address = _LOOPBACK
+
+
+def id_near(base: bytes, delta: int) -> bytes:
+    """``base`` XOR ``delta``: an ID sharing all but the last ``delta.bit_length()`` bits."""
+    return (int.from_bytes(base, "big") ^ (delta % (1 << 160))).to_bytes(20, "big")
+
+
+def brute_closest(entries, target: bytes, count: int) -> list:
+    """The oracle: a full scan sorted by XOR distance."""
+    goal = int.from_bytes(target, "big")
+    return sorted(entries, key=lambda e: int.from_bytes(e.node_id, "big") ^ goal)[:count]

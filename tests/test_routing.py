@@ -1,0 +1,238 @@
+"""RoutingTable behaviour, case by case, against both kernels (the ``kernel`` fixture)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sovereign_discovery import (
+    Address,
+    ArgumentTypeError,
+    ArgumentValueError,
+    Contact,
+    DiversityLimits,
+    Full,
+    Identity,
+    Inserted,
+    NodeId,
+    Pending,
+    Rejected,
+    Removed,
+    RoutingTable,
+    Updated,
+)
+
+from .helpers import Peer, brute_closest, id_near
+
+LOCAL = NodeId(bytes(20))
+
+
+def in_bucket(index: int, n: int, *, host: str = "127.0.0.1") -> list[Peer]:
+    """``n`` peers sharing exactly ``index`` leading bits with LOCAL (all zero bits)."""
+    top = 1 << (159 - index)
+    return [Peer(NodeId.from_int(top | (i + 1)), Address(host, 1000 + i)) for i in range(n)]
+
+
+def table(kernel, **kw) -> RoutingTable:
+    kw.setdefault("bucket_size", 4)
+    kw.setdefault("replacement_cache_size", 3)
+    return RoutingTable(LOCAL, kernel=kernel, **kw)
+
+
+def test_contact_derives_its_node_id_from_the_key():
+    me = Identity.from_seed(b"\x07" * 32)
+    contact = Contact(me.public_key, Address("127.0.0.1", 5000))
+    assert contact.node_id == me.node_id
+    with pytest.raises(ArgumentValueError, match="public_key"):
+        Contact(b"short", Address("127.0.0.1", 5000))
+    with pytest.raises(ArgumentTypeError, match="address"):
+        Contact(me.public_key, ("127.0.0.1", 5000))  # type: ignore[arg-type]
+
+
+def test_insert_update_and_lookup(kernel):
+    t = table(kernel)
+    a, b = in_bucket(0, 2)
+    assert t.insert(a, 1) == Inserted(a)
+    assert t.insert(b, 2) == Inserted(b)
+    assert t.bucket(0) == [a, b]
+    moved = Peer(a.node_id, Address("127.0.0.2", 7))
+    assert t.insert(moved, 3) == Updated(moved)
+    assert t.bucket(0) == [b, moved]  # most recently seen at the tail, with the new address
+    assert t.get(a.node_id) is moved and a.node_id in t and len(t) == 2
+    assert t.get(NodeId(b"\x99" * 20)) is None
+
+
+def test_own_id_is_rejected(kernel):
+    t = table(kernel)
+    assert t.insert(Peer(LOCAL), 0) == Rejected(Peer(LOCAL), "own-id")
+    assert len(t) == 0 and LOCAL not in t
+    assert t.touch(LOCAL, 1) is False and t.remove(LOCAL, 1) is None
+
+
+def test_full_bucket_asks_for_a_liveness_check_of_its_oldest_entry(kernel):
+    t = table(kernel)
+    t.insert(Peer(NodeId.from_int(1)), 0)  # a deep contact, so bucket 0 is not the last bucket
+    members = in_bucket(0, 7)
+    for peer in members[:4]:
+        assert isinstance(t.insert(peer, 1), Inserted)
+    oldest = members[0]
+    assert t.insert(members[4], 2) == Pending(members[4], oldest)
+    assert t.checking(0) == oldest
+    assert t.insert(members[5], 3) == Full(members[5], oldest)  # one check at a time
+    assert t.bucket(0) == members[:4]  # nobody was evicted
+    assert t.replacements(0) == [members[4], members[5]]
+
+
+def test_oldest_alive_keeps_its_place_and_the_candidate_waits(kernel):
+    t = table(kernel)
+    t.insert(Peer(NodeId.from_int(1)), 0)
+    members = in_bucket(0, 5)
+    for peer in members:
+        t.insert(peer, 1)
+    assert t.touch(members[0].node_id, 2)  # the liveness check succeeded
+    assert t.checking(0) is None
+    assert t.bucket(0) == members[1:4] + [members[0]]  # long-lived contact kept (paper §2.2)
+    assert t.replacements(0) == [members[4]]
+    assert t.insert(members[4], 3) == Pending(members[4], members[1])  # next check: new oldest
+
+
+def test_failed_check_evicts_and_promotes_the_newest_replacement(kernel):
+    t = table(kernel)
+    t.insert(Peer(NodeId.from_int(1)), 0)
+    members = in_bucket(0, 6)
+    for peer in members:
+        t.insert(peer, 1)
+    assert t.remove(members[0].node_id, 2) == Removed(members[0], members[5])
+    assert t.bucket(0) == members[1:4] + [members[5]]
+    assert t.replacements(0) == [members[4]]
+    assert t.checking(0) is None
+    assert t.remove(members[4].node_id, 3) == Removed(members[4], None)  # a waiting candidate
+    assert t.remove(members[4].node_id, 3) is None
+
+
+def test_replacement_cache_is_bounded_and_keeps_the_most_recent(kernel):
+    t = table(kernel, replacement_cache_size=2)
+    t.insert(Peer(NodeId.from_int(1)), 0)
+    members = in_bucket(0, 8)
+    for peer in members:
+        t.insert(peer, 1)
+    assert t.replacements(0) == members[6:8]
+    t.insert(members[6], 2)  # seen again: moves to the most recent end
+    assert t.replacements(0) == [members[7], members[6]]
+
+
+def test_no_replacement_cache(kernel):
+    t = table(kernel, replacement_cache_size=0)
+    t.insert(Peer(NodeId.from_int(1)), 0)
+    members = in_bucket(0, 5)
+    for peer in members:
+        t.insert(peer, 1)
+    assert t.replacements(0) == []
+    assert t.remove(members[0].node_id, 2) == Removed(members[0], None)
+
+
+def test_last_bucket_unfolds_instead_of_refusing(kernel):
+    t = table(kernel)
+    deep = [Peer(NodeId.from_int(i)) for i in range(1, 40)]  # prefixes 154..159
+    results = [t.insert(p, 0) for p in deep]
+    assert t.bucket_count > 1
+    by_prefix: dict[int, int] = {}
+    for p in deep:
+        prefix = kernel.bucket_index(LOCAL, p.node_id)
+        by_prefix[prefix] = by_prefix.get(prefix, 0) + 1
+    expected_inserted = sum(min(n, 4) for n in by_prefix.values())
+    assert sum(isinstance(r, Inserted) for r in results) == expected_inserted == len(t)
+
+
+def test_diversity_limits_per_bucket_and_per_table(kernel):
+    limits = DiversityLimits(max_per_bucket=2, max_per_table=3)
+    t = table(kernel, bucket_size=8, diversity=limits)
+    same_net = in_bucket(0, 3, host="198.51.100.1") + in_bucket(1, 3, host="198.51.100.2")
+    results = [t.insert(p, 0) for p in same_net]
+    assert [type(r).__name__ for r in results] == ["Inserted", "Inserted", "Rejected",
+                                                   "Inserted", "Rejected", "Rejected"]
+    assert results[2].reason == "diversity-bucket" and results[4].reason == "diversity-table"
+    other_net = in_bucket(1, 1, host="203.0.113.9")[0]
+    assert isinstance(t.insert(Peer(NodeId.from_int((1 << 158) | 99), other_net.address), 0), Inserted)
+    t.remove(same_net[0].node_id, 1)  # frees one place in the /24's table quota
+    assert isinstance(t.insert(same_net[4], 2), Inserted)
+
+
+def test_diversity_can_be_switched_on_later(kernel):
+    t = table(kernel, bucket_size=8)
+    for p in in_bucket(0, 3, host="198.51.100.1"):
+        assert isinstance(t.insert(p, 0), Inserted)  # off by default
+    t.diversity = DiversityLimits(max_per_bucket=None, max_per_table=3)
+    assert t.insert(in_bucket(1, 1, host="198.51.100.7")[0], 1).reason == "diversity-table"
+    t.diversity = None
+    assert isinstance(t.insert(in_bucket(1, 1, host="198.51.100.7")[0], 1), Inserted)
+
+
+def test_refresh_bookkeeping(kernel):
+    t = table(kernel, now=0)
+    t.insert(in_bucket(0, 1)[0], 100)
+    assert t.buckets_due_for_refresh(now=150, interval_s=60) == []
+    assert t.buckets_due_for_refresh(now=160, interval_s=60) == [0]
+    t.mark_bucket_active(0, 200)
+    assert t.last_activity(0) == 200
+    rng = random.Random(3)
+    for index in (0, 1, 17, 100, 158, 159):
+        target = t.random_id_in_bucket(index, rng)
+        assert kernel.bucket_index(LOCAL, target) == index
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32), deltas=st.lists(st.integers(1, 2**24), max_size=60, unique=True),
+       target_delta=st.integers(0, 2**30))
+def test_closest_is_exact_near_the_local_id(kernel, seed, deltas, target_delta):
+    rng = random.Random(seed)
+    local = bytes(rng.getrandbits(8) for _ in range(20))
+    t = RoutingTable(local, bucket_size=5, kernel=kernel)
+    for d in deltas:
+        t.insert(Peer(id_near(local, d)), 0)
+    for _ in range(30):
+        t.insert(Peer(bytes(rng.getrandbits(8) for _ in range(20))), 0)
+    everything = list(t)
+    for target in (local, id_near(local, target_delta)):
+        for count in (1, 5, 20, 500):
+            assert t.closest(target, count) == brute_closest(everything, target, count)
+
+
+@pytest.mark.parametrize("call, error, name", [
+    (lambda t: t.closest(b"x" * 19, 3), ArgumentValueError, "target"),
+    (lambda t: t.closest("x" * 20, 3), ArgumentTypeError, "target"),
+    (lambda t: t.closest(b"x" * 20, -1), ArgumentValueError, "count"),
+    (lambda t: t.closest(b"x" * 20, 2.0), ArgumentTypeError, "count"),
+    (lambda t: t.insert(object(), 0), ArgumentTypeError, "contact"),
+    (lambda t: t.insert(Peer(b"x" * 20), "now"), ArgumentTypeError, "now"),
+    (lambda t: t.touch(b"x" * 21, 0), ArgumentValueError, "node_id"),
+    (lambda t: t.bucket(5), ArgumentValueError, "index"),
+])
+def test_caller_mistakes_get_the_same_typed_error_from_both_kernels(kernel, call, error, name):
+    with pytest.raises(error, match=name):
+        call(table(kernel))
+
+
+@pytest.mark.parametrize("kw, name", [
+    (dict(bucket_size=0), "bucket_size"), (dict(bucket_size=256), "bucket_size"),
+    (dict(replacement_cache_size=-1), "replacement_cache_size"),
+    (dict(diversity="yes"), "diversity"),
+])
+def test_constructor_checks(kw, name):
+    with pytest.raises((ArgumentValueError, ArgumentTypeError), match=name):
+        RoutingTable(LOCAL, **kw)
+    with pytest.raises(ArgumentValueError, match="local_id"):
+        RoutingTable(b"short")
+
+
+def test_address_parsing():
+    assert str(Address.parse("127.0.0.1:4000")) == "127.0.0.1:4000"
+    assert str(Address.parse("[::1]:4000")) == "[::1]:4000"
+    assert Address("::ffff:192.0.2.1", 1) == Address("192.0.2.1", 1)
+    for bad in ("127.0.0.1", "::1:4000", "[::1]4000", "host:1", "0.0.0.0:1", "224.0.0.1:1", "1.2.3.4:0",
+                "1.2.3.4:70000"):
+        with pytest.raises(ArgumentValueError):
+            Address.parse(bad)
