@@ -95,6 +95,20 @@ class PeerRecord:
     node_id: NodeId = field(compare=False)
     encoded: bytes = field(compare=False, repr=False)
 
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        raise ArgumentTypeError(
+            "a PeerRecord is made only by PeerRecord.create (which signs) or PeerRecord.decode"
+            " (which verifies), so that every record in hand has been checked"
+        )
+
+    @classmethod
+    def _checked(cls, **fields: object) -> "PeerRecord":
+        """Assemble a record whose fields ``create`` or ``decode`` has just checked."""
+        record = object.__new__(cls)
+        for name, value in fields.items():
+            object.__setattr__(record, name, value)
+        return record
+
     # --- making -----------------------------------------------------------------------------------
 
     @classmethod
@@ -131,7 +145,7 @@ class PeerRecord:
                 raise ArgumentValueError(f"{name} must be in 0..2**{bits} - 1, not {value}")
         body = _encode_body(identity.public_key, seq, expires_at, protocol_version, addrs, caps)
         signature = identity.sign(SignaturePurpose.PEER_RECORD, body)
-        return cls(
+        return cls._checked(
             public_key=identity.public_key,
             seq=seq,
             expires_at=expires_at,
@@ -263,7 +277,7 @@ def _parse(data: bytes) -> PeerRecord:
     if offset != end_of_body:
         raise MalformedRecordError(f"{end_of_body - offset} unexpected bytes before the signature")
     assert len(public_key) == PUBLIC_KEY_BYTES and seq <= _U64_MAX
-    return PeerRecord(
+    return PeerRecord._checked(
         public_key=public_key,
         seq=seq,
         expires_at=expires_at,

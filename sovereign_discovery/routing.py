@@ -311,7 +311,9 @@ class RoutingTable:
 
     def closest(self, target: bytes, count: int = DEFAULT_BUCKET_SIZE) -> list[Contact]:
         """The ``count`` contacts nearest ``target`` by XOR distance, nearest first. Exact."""
-        return self._kernel.closest_in_table(self._ids, self._slots, self._sizes, self._k, target, count)
+        return self._kernel.closest_in_table(
+            self._ids, self._slots, self._sizes, self._k, self._local, target, count
+        )
 
     # --- changes --------------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ published test vectors in docs/test-vectors.json."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 import sys
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 
 from sovereign_discovery import (
     Address,
+    ArgumentTypeError,
     ArgumentValueError,
     BadSignatureError,
     DecodeError,
@@ -192,6 +194,15 @@ def test_mutated_records_raise_only_decode_errors(data):
         PeerRecord.decode(bytes(encoded), now=NOW)
     except DecodeError:
         pass
+
+
+def test_records_cannot_be_made_unchecked():
+    record = make()
+    with pytest.raises(ArgumentTypeError, match="PeerRecord.create"):
+        PeerRecord(record.public_key, 9, record.expires_at, record.addresses, record.capabilities,
+                   record.protocol_version, record.signature, record.node_id, record.encoded)
+    with pytest.raises(ArgumentTypeError):
+        dataclasses.replace(record, seq=9)  # an edited record would carry a stale signature
 
 
 def test_newer_sequence_number_supersedes():
