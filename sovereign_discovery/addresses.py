@@ -106,6 +106,28 @@ class Address:
         return 1 + len(self.ip.packed) + 2
 
 
+def _raw_problem(kind: int, raw: bytes, port: int) -> str | None:
+    """The checks of ``_check_reachable`` (and the IPv4-mapped rule) on packed bytes: decoding
+    runs for every contact of every NODES message, and ``ipaddress``'s properties cost
+    microseconds each."""
+    if port == 0:
+        return "port must be in 1..65535, not 0"
+    if not any(raw):
+        return "unspecified address is not reachable"
+    if kind == KIND_UDP4:
+        if 224 <= raw[0] <= 239:
+            return "multicast address is not a peer address"
+    else:
+        if raw[0] == 0xFF:
+            return "multicast address is not a peer address"
+        if raw[:12] == _V4_MAPPED_PREFIX:
+            return "IPv4-mapped IPv6 address must be encoded as IPv4"
+    return None
+
+
+_V4_MAPPED_PREFIX = bytes(10) + b"\xff\xff"
+
+
 def decode_address(data: bytes, offset: int) -> tuple[Address, int]:
     """Decode one address at ``data[offset:]``; returns it and the offset after it. Raises only
     :class:`DecodeError`."""
@@ -119,11 +141,11 @@ def decode_address(data: bytes, offset: int) -> tuple[Address, int]:
     if end > len(data):
         raise DecodeError("truncated address")
     raw = bytes(data[offset + 1 : offset + 1 + ip_bytes])
-    ip: IPAddress = ipaddress.IPv4Address(raw) if kind == KIND_UDP4 else ipaddress.IPv6Address(raw)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        raise DecodeError("IPv4-mapped IPv6 address must be encoded as IPv4")
     port = int.from_bytes(data[end - 2 : end], "big")
-    problem = _check_reachable(ip, port)
+    problem = _raw_problem(kind, raw, port)
     if problem:
         raise DecodeError(problem)
-    return Address(ip, port), end
+    address = object.__new__(Address)  # checked above: skip the constructor's second pass
+    object.__setattr__(address, "ip", ipaddress.IPv4Address(raw) if kind == KIND_UDP4 else ipaddress.IPv6Address(raw))
+    object.__setattr__(address, "port", port)
+    return address, end

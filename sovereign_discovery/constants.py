@@ -42,5 +42,10 @@ MAX_CAPABILITY_BYTES = 32
 MAX_RECORD_LIFETIME_S = 7 * 24 * 3600
 #: Default lifetime of the node's own record; owners republish well before it ends.
 DEFAULT_RECORD_TTL_S = 3600
+#: The largest message (wire.py) is a datagram less the largest packet overhead (session.py),
+#: that of a HANDSHAKE: 18 header + 32 public key + 32 ephemeral key + 64 signature + 16 AEAD tag
+#: = 162 (docs/protocol.md, "Packets"). So every message fits either kind of packet.
+HANDSHAKE_PACKET_OVERHEAD_BYTES = 18 + 32 + 32 + 64 + 16
+MAX_MESSAGE_BYTES = MAX_DATAGRAM_BYTES - HANDSHAKE_PACKET_OVERHEAD_BYTES  # 1,118
 #: Wire format version of peer records.
 RECORD_FORMAT_VERSION = 1

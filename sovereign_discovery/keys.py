@@ -32,6 +32,8 @@ from .errors import (
     KernelUnavailableError,
 )
 
+_sha256 = hashlib.sha256
+
 __all__ = [
     "NodeId",
     "Distance",
@@ -128,7 +130,8 @@ class NodeId(bytes):
             raise ArgumentValueError(
                 f"public_key must be {PUBLIC_KEY_BYTES} bytes long, not {len(public_key)}"
             )
-        return cls(hashlib.sha256(public_key).digest()[:NODE_ID_BYTES])
+        # 20 bytes by construction: skip __new__'s checks (this runs for every decoded contact)
+        return bytes.__new__(cls, _sha256(public_key).digest()[:NODE_ID_BYTES])
 
     @classmethod
     def parse(cls, text: str) -> "NodeId":

@@ -1,0 +1,734 @@
+"""The packet/session layer: authenticated, encrypted datagrams between Ed25519 identities.
+
+Sans-IO: :class:`SessionLayer` takes datagrams, the source address and ``now`` (monotonic
+seconds), and returns datagrams to send and messages delivered. It opens no socket, reads no
+clock, and draws randomness only from the injected ``random_bytes``.
+
+The packet format, the handshake, key derivation, the replay window and the anti-amplification
+rule are specified in ``docs/protocol.md`` ("Packets (session layer)"); the threat model and what
+each mechanism does and does not defend against are in ``docs/security.md``. The construction is
+discv5 v5.1's (WHOAREYOU challenge, ephemeral X25519 key signed by the identity key, AEAD session
+keys) with Ed25519 identities, HKDF-SHA256 (RFC 5869), X25519 (RFC 7748) and ChaCha20-Poly1305
+(RFC 8439) from libsodium.
+
+Network input never raises: every dropped datagram is counted by reason in :attr:`SessionLayer.stats`
+and logged (the first of each reason at INFO, later ones at DEBUG). Caller mistakes raise
+:class:`~sovereign_discovery.errors.ArgumentTypeError` / ``ArgumentValueError``.
+
+Two decisions beyond ``docs/protocol.md``:
+
+- The HANDSHAKE answering a WHOAREYOU is not limited by the anti-amplification rule: the WHOAREYOU
+  echoes the random nonce of a packet we sent to that address, which proves the address receives
+  (the address-validation token of RFC 9000 §8.1).
+- A WHOAREYOU answering the *last* session MESSAGE we sent to an address (the peer lost its
+  session, e.g. restarted) is accepted too: we re-handshake carrying that message again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import struct
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import nacl.bindings
+import nacl.exceptions
+import nacl.public
+import nacl.signing
+
+from .addresses import Address
+from .constants import (
+    MAX_DATAGRAM_BYTES,
+    MAX_MESSAGE_BYTES,
+    NODE_ID_BYTES,
+    PUBLIC_KEY_BYTES,
+    SIGNATURE_BYTES,
+)
+from .errors import ArgumentTypeError, ArgumentValueError
+from .identity import Identity, SignaturePurpose, verify_signature
+from .routing import Contact
+
+__all__ = [
+    "SessionLayer",
+    "SessionLimits",
+    "Outgoing",
+    "Delivered",
+    "Received",
+    "hkdf_sha256",
+    "MAX_MESSAGE_BYTES",
+    "MAX_PACKET_BYTES",
+    "KIND_MESSAGE",
+    "KIND_WHOAREYOU",
+    "KIND_HANDSHAKE",
+    "REPLAY_WINDOW",
+    "DROP_REASONS",
+]
+
+_log = logging.getLogger(__name__)
+
+# --- AEAD (ChaCha20-Poly1305 IETF, RFC 8439) through libsodium -----------------------------------
+# PyNaCl's bindings format error strings on every call (~8 µs); the established-session path calls
+# libsodium through PyNaCl's cffi handle directly, with the public bindings as the fallback.
+try:
+    from nacl._sodium import ffi as _ffi, lib as _lib
+
+    _NULL = _ffi.NULL
+    _new_buffer = _ffi.new
+    _buffer = _ffi.buffer
+    _encrypt_c = _lib.crypto_aead_chacha20poly1305_ietf_encrypt
+    _decrypt_c = _lib.crypto_aead_chacha20poly1305_ietf_decrypt
+    if _lib.crypto_aead_chacha20poly1305_ietf_abytes() != 16:  # pragma: no cover
+        raise ImportError("unexpected tag size")
+
+    def _aead_encrypt(message: bytes, aad: bytes, nonce: bytes, key: bytes) -> bytes:
+        out = _new_buffer("unsigned char[]", len(message) + 16)
+        _encrypt_c(out, _NULL, message, len(message), aad, len(aad), _NULL, nonce, key)
+        return _buffer(out)[:]
+
+    def _aead_decrypt(ciphertext: bytes, aad: bytes, nonce: bytes, key: bytes) -> bytes | None:
+        """The plaintext, or None when the tag does not verify."""
+        size = len(ciphertext) - 16
+        out = _new_buffer("unsigned char[]", size if size > 0 else 1)
+        if _decrypt_c(out, _NULL, _NULL, ciphertext, len(ciphertext), aad, len(aad), nonce, key):
+            return None
+        return _buffer(out, size)[:]
+
+except ImportError:  # pragma: no cover - another PyNaCl layout
+
+    def _aead_encrypt(message: bytes, aad: bytes, nonce: bytes, key: bytes) -> bytes:
+        return nacl.bindings.crypto_aead_chacha20poly1305_ietf_encrypt(message, aad, nonce, key)
+
+    def _aead_decrypt(ciphertext: bytes, aad: bytes, nonce: bytes, key: bytes) -> bytes | None:
+        try:
+            return nacl.bindings.crypto_aead_chacha20poly1305_ietf_decrypt(ciphertext, aad, nonce, key)
+        except nacl.exceptions.CryptoError:
+            return None
+
+# --- format (docs/protocol.md, "Packets (session layer)") ----------------------------------------
+
+MAGIC = b"sd"
+VERSION = 1
+KIND_MESSAGE = 0
+KIND_WHOAREYOU = 1
+KIND_HANDSHAKE = 2
+
+#: Every datagram is at most 1,280 bytes (the IPv6 minimum MTU; discv5's limit too).
+MAX_PACKET_BYTES = MAX_DATAGRAM_BYTES
+_HEADER = struct.Struct(">2sBB12sH")  # magic, version, kind, nonce, authdata_len
+_STATIC = _HEADER.size  # 18
+_TAG = 16  # Poly1305 tag (RFC 8439)
+_AUTH_MESSAGE = NODE_ID_BYTES  # src_node_id
+_AUTH_WHOAREYOU = 16 + 8  # id_nonce, known_record_seq
+_AUTH_HANDSHAKE = PUBLIC_KEY_BYTES + 32 + SIGNATURE_BYTES  # src key, ephemeral key, signature
+_MESSAGE_HEAD = _STATIC + _AUTH_MESSAGE  # 38: the MESSAGE header, its AEAD associated data
+_HANDSHAKE_HEAD = _STATIC + _AUTH_HANDSHAKE  # 146
+_WHOAREYOU_BYTES = _STATIC + _AUTH_WHOAREYOU  # 42
+# The largest message (constants.MAX_MESSAGE_BYTES) assumes exactly this packet layout.
+assert MAX_MESSAGE_BYTES == MAX_PACKET_BYTES - _HANDSHAKE_HEAD - _TAG == 1118
+#: Random MESSAGE ("random packet" of discv5) payload length: looks like a short ciphertext.
+_RANDOM_PAYLOAD = 32
+#: Per-direction replay window in packets (as IPsec/WireGuard; docs/protocol.md).
+REPLAY_WINDOW = 1024
+_COUNTER_PREFIX = b"\x00\x00\x00\x00"
+_COUNTER_NONCE = struct.Struct(">4xQ")
+_U64 = struct.Struct(">Q")
+_MAX_COUNTER = (1 << 64) - 1
+_KDF_INFO = b"sovereign-discovery/v1 session keys"
+
+#: Every reason a datagram can be dropped, each a key of ``stats``.
+DROP_REASONS = (
+    "too_large",  # over 1,280 bytes
+    "malformed",  # shorter than its header, or authdata/payload length wrong for the kind
+    "bad_magic",
+    "unknown_version",
+    "unknown_kind",
+    "no_session",  # a MESSAGE from a (node ID, address) we share no session with (answered by WHOAREYOU)
+    "decrypt_failed",  # AEAD failure (answered by WHOAREYOU when it was a MESSAGE)
+    "replayed",  # a session counter already seen or older than the window
+    "unsolicited_whoareyou",  # its nonce is not that of a packet we sent there and still await
+    "unknown_challenge",  # a HANDSHAKE with no live challenge for (its key's ID, its address)
+    "bad_signature",  # the HANDSHAKE's id_signature does not verify
+    "bad_key",  # a key that is not a usable curve point, or an all-zero X25519 result
+    "amplification_limited",  # a WHOAREYOU not sent: it would exceed 3x the bytes received
+    "internal_error",  # a bug: the datagram raised inside the layer (logged with a traceback)
+)
+
+
+# --- limits ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SessionLimits:
+    """Caps and timeouts of a :class:`SessionLayer`. Every table fed by the network is bounded."""
+
+    #: Established sessions, least recently used evicted (docs/protocol.md ``MAX_SESSIONS``).
+    max_sessions: int = 10_000
+    #: A session is dropped this long after its handshake (``SESSION_LIFETIME_S``, 12 h).
+    session_lifetime_s: float = 12 * 3600.0
+    #: Outstanding WHOAREYOU challenges in all (``MAX_CHALLENGES``), oldest evicted.
+    max_challenges: int = 10_000
+    #: Outstanding challenges per source IP: a flood from one host only recycles its own slots, so
+    #: it cannot evict the challenges of others (NATs put several peers behind one IP).
+    max_challenges_per_ip: int = 64
+    #: A challenge is forgotten this long after it was sent (``CHALLENGE_TTL_S``, 5 s).
+    challenge_ttl_s: float = 5.0
+    #: Peers we are handshaking with (messages waiting for a WHOAREYOU), oldest evicted.
+    max_pending_peers: int = 1_000
+    #: Messages waiting per peer for a handshake; beyond it the oldest is dropped.
+    max_pending_messages_per_peer: int = 16
+    #: Messages waiting for a handshake are dropped this long after the first was queued.
+    pending_ttl_s: float = 5.0
+    #: A send to a peer still waiting for a WHOAREYOU re-sends the random packet after this long
+    #: (the previous one or its answer may have been lost).
+    handshake_retry_s: float = 1.0
+    #: Byte counts of addresses that have not proved they receive (``MAX_UNVALIDATED_ADDRESSES``),
+    #: least recently heard from evicted.
+    max_unvalidated_addresses: int = 10_000
+    #: To an unvalidated address send at most this many times the bytes received (RFC 9000 §8).
+    #: A protocol rule: change it only in tests.
+    amplification_factor: float = 3.0
+
+    def __post_init__(self) -> None:
+        for name in self.__slots__:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ArgumentTypeError(f"{name} must be a number, not {type(value).__name__}")
+            if not value > 0:
+                raise ArgumentValueError(f"{name} must be positive, not {value!r}")
+        for name in ("max_sessions", "max_challenges", "max_challenges_per_ip", "max_pending_peers",
+                     "max_pending_messages_per_peer", "max_unvalidated_addresses"):
+            if not isinstance(getattr(self, name), int):
+                raise ArgumentTypeError(f"{name} must be an int")
+
+
+# --- results -----------------------------------------------------------------------------------
+
+
+class Outgoing(NamedTuple):
+    """A datagram to send to ``address``."""
+
+    address: Address
+    datagram: bytes
+
+
+class Delivered(NamedTuple):
+    """An authenticated message from ``peer`` (its key proven by the session, its address the
+    datagram's source)."""
+
+    peer: Contact
+    message: bytes
+
+
+class Received(NamedTuple):
+    """What :meth:`SessionLayer.receive` produced: messages delivered and datagrams to send."""
+
+    delivered: tuple[Delivered, ...]
+    outgoing: tuple[Outgoing, ...]
+
+
+_NOTHING = Received((), ())
+
+
+# --- key derivation ----------------------------------------------------------------------------
+
+
+def hkdf_sha256(ikm: bytes, salt: bytes, info: bytes, length: int) -> bytes:
+    """HKDF-SHA256 (RFC 5869): extract then expand ``length`` (≤ 8,160) bytes."""
+    if not 0 < length <= 255 * 32:
+        raise ArgumentValueError(f"length must be in 1..8160, not {length}")
+    prk = hmac.new(salt or bytes(32), ikm, hashlib.sha256).digest()
+    block, out = b"", []
+    for i in range(1, -(-length // 32) + 1):
+        block = hmac.new(prk, block + info + bytes((i,)), hashlib.sha256).digest()
+        out.append(block)
+    return b"".join(out)[:length]
+
+
+def _session_keys(secret: bytes, challenge_data: bytes, id_a: bytes, id_b: bytes) -> tuple[bytes, bytes]:
+    keys = hkdf_sha256(secret, challenge_data, _KDF_INFO + id_a + id_b, 64)
+    return keys[:32], keys[32:]  # initiator_key (A→B), recipient_key (B→A)
+
+
+def _handshake_signed(challenge_data: bytes, ephemeral: bytes, id_b: bytes) -> bytes:
+    return hashlib.sha256(challenge_data).digest() + ephemeral + id_b
+
+
+# --- state -------------------------------------------------------------------------------------
+
+
+class _Session:
+    __slots__ = ("peer", "send_key", "recv_key", "send_counter", "recv_max", "recv_seen",
+                 "created", "last_used", "touched", "last_nonce", "last_message")
+
+    def __init__(self, peer: Contact, send_key: bytes, recv_key: bytes, now: float) -> None:
+        self.peer = peer
+        self.send_key = send_key
+        self.recv_key = recv_key
+        self.send_counter = 0  # the first packet uses 1
+        self.recv_max = 0  # the highest counter accepted
+        self.recv_seen = 1  # bit d: counter recv_max - d was accepted (counter 0 never is)
+        self.created = now
+        self.last_used = now
+        self.touched = False  # used since it last came to the front of the LRU order (CLOCK)
+        self.last_nonce = b""  # of the last MESSAGE sent, to recognise a WHOAREYOU answering it
+        self.last_message = b""
+
+
+class _Challenge:
+    __slots__ = ("data", "created")
+
+    def __init__(self, data: bytes, created: float) -> None:
+        self.data = data  # the WHOAREYOU packet: challenge_data
+        self.created = created
+
+
+class _Pending:
+    __slots__ = ("peer", "messages", "nonces", "created", "last_random")
+
+    def __init__(self, peer: Contact, now: float) -> None:
+        self.peer = peer
+        self.messages: list[bytes] = []
+        self.nonces: list[bytes] = []  # of the random packets sent, newest last
+        self.created = now
+        self.last_random = -float("inf")
+
+
+_MAX_RANDOM_NONCES = 4  # random packets remembered per pending peer
+
+
+# --- the layer ---------------------------------------------------------------------------------
+
+
+class SessionLayer:
+    """Sessions of one identity with its peers. See the module docstring and docs/protocol.md.
+
+    - :meth:`send` encrypts a message to a peer, or starts a handshake and queues it;
+    - :meth:`receive` takes a datagram and returns messages delivered and datagrams to send;
+    - :meth:`expire` forgets stale challenges, queued messages and sessions (call it about once a
+      second; lookups also check ages lazily).
+    """
+
+    def __init__(
+        self,
+        identity: Identity,
+        *,
+        random_bytes: Callable[[int], bytes] = os.urandom,
+        limits: SessionLimits = SessionLimits(),
+        known_record_seq: Callable[[bytes], int] | None = None,
+    ) -> None:
+        if not isinstance(identity, Identity):
+            raise ArgumentTypeError(f"identity must be an Identity, not {type(identity).__name__}")
+        if not callable(random_bytes):
+            raise ArgumentTypeError("random_bytes must be callable")
+        if not isinstance(limits, SessionLimits):
+            raise ArgumentTypeError(f"limits must be SessionLimits, not {type(limits).__name__}")
+        if known_record_seq is not None and not callable(known_record_seq):
+            raise ArgumentTypeError("known_record_seq must be callable")
+        self._identity = identity
+        self._id = bytes(identity.node_id)
+        self._public_key = identity.public_key
+        self._x25519_secret = bytes(nacl.signing.SigningKey(identity.seed()).to_curve25519_private_key())
+        self._random = random_bytes
+        self._limits = limits
+        #: seq of the sender's record we hold, for WHOAREYOU (``known_record_seq`` of discv5)
+        self._record_seq = known_record_seq or (lambda node_id: 0)
+        self._sessions: OrderedDict[tuple[bytes, Address], _Session] = OrderedDict()  # LRU first
+        self._session_ids_at: dict[Address, set[bytes]] = {}  # validated addresses
+        self._challenges: OrderedDict[tuple[bytes, Address], _Challenge] = OrderedDict()  # oldest first
+        self._challenges_per_ip: dict[object, dict[tuple[bytes, Address], None]] = {}  # oldest first
+        self._pending: OrderedDict[tuple[bytes, Address], _Pending] = OrderedDict()  # oldest first
+        self._pending_by_nonce: dict[bytes, tuple[bytes, Address]] = {}
+        self._unvalidated: OrderedDict[Address, list[int]] = OrderedDict()  # [received, sent]
+        self._stats: dict[str, int] = dict.fromkeys(
+            ("packets_in", "bytes_in", "packets_out", "bytes_out", "delivered", "handshakes_initiated",
+             "handshakes_completed", "pending_dropped", "sessions_evicted", "challenges_evicted",
+             *DROP_REASONS), 0)
+
+    # --- public API -----------------------------------------------------------------------------
+
+    @property
+    def node_id(self) -> bytes:
+        return self._identity.node_id
+
+    @property
+    def limits(self) -> SessionLimits:
+        return self._limits
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters (packets/bytes in and out, each drop reason, …) and current table sizes."""
+        out = dict(self._stats)
+        out["sessions"] = len(self._sessions)
+        out["challenges"] = len(self._challenges)
+        out["pending_peers"] = len(self._pending)
+        out["pending_messages"] = sum(len(p.messages) for p in self._pending.values())
+        out["unvalidated_addresses"] = len(self._unvalidated)
+        return out
+
+    def has_session(self, node_id: bytes, address: Address, now: float | None = None) -> bool:
+        """Whether a session with ``node_id`` at ``address`` is established (and, given ``now``,
+        still within its lifetime)."""
+        session = self._sessions.get((bytes(node_id), address))
+        if session is None:
+            return False
+        return now is None or now - session.created < self._limits.session_lifetime_s
+
+    def send(self, peer: Contact, message: bytes, now: float) -> list[Outgoing]:
+        """Encrypt ``message`` to ``peer``; returns the datagrams to send (possibly none, when the
+        message waits for a handshake already under way)."""
+        if type(message) is not bytes:
+            if not isinstance(message, (bytearray, memoryview)):
+                raise ArgumentTypeError(f"message must be bytes, not {type(message).__name__}")
+            message = bytes(message)
+        if len(message) > MAX_MESSAGE_BYTES:
+            raise ArgumentValueError(f"message is {len(message)} bytes; at most {MAX_MESSAGE_BYTES}")
+        if not isinstance(peer, Contact):
+            raise ArgumentTypeError(f"peer must be a Contact, not {type(peer).__name__}")
+        if not isinstance(now, (int, float)) or isinstance(now, bool):
+            raise ArgumentTypeError(f"now must be a number, not {type(now).__name__}")
+        key = (peer.node_id, peer.address)
+        session = self._sessions.get(key)
+        if session is not None:
+            if now - session.created < self._limits.session_lifetime_s and session.send_counter < _MAX_COUNTER:
+                session.last_used = now
+                session.touched = True
+                return [self._seal(session, message)]
+            self._remove_session(key)
+        return self._queue(key, peer, message, now)
+
+    def receive(self, datagram: bytes, source: Address, now: float) -> Received:
+        """Handle one datagram from ``source``. Never raises for any bytes: a bad datagram is
+        dropped and counted under its reason in :attr:`stats`."""
+        if type(datagram) is not bytes:
+            if not isinstance(datagram, (bytearray, memoryview)):
+                raise ArgumentTypeError(f"datagram must be bytes, not {type(datagram).__name__}")
+            datagram = bytes(datagram)
+        if not isinstance(source, Address):
+            raise ArgumentTypeError(f"source must be an Address, not {type(source).__name__}")
+        try:
+            return self._receive(datagram, source, now)
+        except Exception:  # a bug; never let network input crash the engine
+            _log.exception("session layer: datagram from %s raised; dropped", source)
+            self._stats["internal_error"] += 1
+            return _NOTHING
+
+    def expire(self, now: float) -> None:
+        """Forget challenges and queued messages past their TTL, and sessions past their lifetime."""
+        limits = self._limits
+        challenges = self._challenges
+        while challenges:
+            key, challenge = next(iter(challenges.items()))
+            if now - challenge.created < limits.challenge_ttl_s:
+                break
+            self._pop_challenge(key)
+        pending = self._pending
+        while pending:
+            key, entry = next(iter(pending.items()))
+            if now - entry.created < limits.pending_ttl_s:
+                break
+            self._stats["pending_dropped"] += len(entry.messages)
+            self._remove_pending(key)
+        sessions = self._sessions
+        for _ in range(min(len(sessions), 256)):  # bounded work; an old session is also dropped on use
+            key, session = next(iter(sessions.items()))
+            if now - session.created >= limits.session_lifetime_s:
+                self._remove_session(key)
+            elif session.touched:  # CLOCK order, as in eviction
+                session.touched = False
+                sessions.move_to_end(key)
+            else:
+                break
+
+    # --- receiving ------------------------------------------------------------------------------
+
+    def _receive(self, datagram: bytes, source: Address, now: float) -> Received:
+        stats = self._stats
+        size = len(datagram)
+        stats["packets_in"] += 1
+        stats["bytes_in"] += size
+        if size > MAX_PACKET_BYTES:
+            self._credit_if_unvalidated(source, size)
+            return self._drop("too_large", source)
+        if size < _STATIC:
+            self._credit_if_unvalidated(source, size)
+            return self._drop("malformed", source)
+        magic, version, kind, nonce, auth_len = _HEADER.unpack_from(datagram)
+        if kind == KIND_MESSAGE and auth_len == _AUTH_MESSAGE and size >= _MESSAGE_HEAD + _TAG \
+                and magic == MAGIC and version == VERSION:
+            return self._on_message(datagram, source, nonce, now)  # credits unless delivered
+        self._credit_if_unvalidated(source, size)
+        if magic != MAGIC:
+            return self._drop("bad_magic", source)
+        if version != VERSION:
+            return self._drop("unknown_version", source)
+        if kind == KIND_MESSAGE:  # the well-formed ones were handled above
+            return self._drop("malformed", source)
+        if kind == KIND_WHOAREYOU:
+            if auth_len != _AUTH_WHOAREYOU or size != _WHOAREYOU_BYTES:
+                return self._drop("malformed", source)
+            return self._on_whoareyou(datagram, source, nonce, now)
+        if kind == KIND_HANDSHAKE:
+            if auth_len != _AUTH_HANDSHAKE or size < _HANDSHAKE_HEAD + _TAG:
+                return self._drop("malformed", source)
+            return self._on_handshake(datagram, source, nonce, now)
+        return self._drop("unknown_kind", source)
+
+    def _on_message(self, datagram: bytes, source: Address, nonce: bytes, now: float) -> Received:
+        src_id = datagram[_STATIC:_MESSAGE_HEAD]
+        key = (src_id, source)
+        session = self._sessions.get(key)
+        if session is None:
+            reason = "no_session"
+        elif now - session.created >= self._limits.session_lifetime_s:
+            self._remove_session(key)
+            reason = "no_session"
+        elif datagram[4:8] != _COUNTER_PREFIX:  # a random nonce: a peer that lost its session
+            reason = "decrypt_failed"
+        else:
+            counter = _COUNTER_NONCE.unpack_from(datagram, 4)[0]
+            behind = session.recv_max - counter
+            if behind >= 0 and (behind >= REPLAY_WINDOW or (session.recv_seen >> behind) & 1):
+                return self._drop("replayed", source)  # the address has a session: validated
+            message = _aead_decrypt(datagram[_MESSAGE_HEAD:], datagram[:_MESSAGE_HEAD], nonce, session.recv_key)
+            if message is None:
+                reason = "decrypt_failed"
+            else:  # the tag verified: only now move the window (docs/protocol.md)
+                if behind < 0:
+                    session.recv_seen = ((session.recv_seen << -behind) | 1) & _WINDOW_MASK
+                    session.recv_max = counter
+                else:
+                    session.recv_seen |= 1 << behind
+                session.last_used = now
+                session.touched = True
+                self._stats["delivered"] += 1
+                return Received((Delivered(session.peer, message),), ())
+        # docs/protocol.md, handshake step 2: answer what we cannot decrypt with a challenge.
+        if source not in self._session_ids_at:
+            self._credit(source, len(datagram))
+        self._count(reason)
+        return self._challenge(src_id, source, nonce, now)
+
+    def _challenge(self, src_id: bytes, source: Address, nonce: bytes, now: float) -> Received:
+        if source not in self._session_ids_at:  # anti-amplification, RFC 9000 §8
+            counts = self._unvalidated.get(source)
+            if counts is None or counts[1] + _WHOAREYOU_BYTES > self._limits.amplification_factor * counts[0]:
+                return self._drop("amplification_limited", source)
+            counts[1] += _WHOAREYOU_BYTES
+        seq = self._record_seq(src_id)
+        if not isinstance(seq, int) or not 0 <= seq <= _MAX_COUNTER:
+            seq = 0
+        packet = _HEADER.pack(MAGIC, VERSION, KIND_WHOAREYOU, nonce, _AUTH_WHOAREYOU) + self._random(16) + _U64.pack(seq)
+        key = (src_id, source)
+        self._pop_challenge(key)  # at most one per (node ID, address): the newest
+        ip = source.ip
+        same_ip = self._challenges_per_ip.get(ip)
+        if same_ip is not None and len(same_ip) >= self._limits.max_challenges_per_ip:
+            self._pop_challenge(next(iter(same_ip)))
+            self._stats["challenges_evicted"] += 1
+        while len(self._challenges) >= self._limits.max_challenges:
+            self._pop_challenge(next(iter(self._challenges)))
+            self._stats["challenges_evicted"] += 1
+        self._challenges[key] = _Challenge(packet, now)
+        self._challenges_per_ip.setdefault(ip, {})[key] = None
+        return Received((), (self._out(source, packet),))
+
+    def _on_whoareyou(self, datagram: bytes, source: Address, nonce: bytes, now: float) -> Received:
+        key = self._pending_by_nonce.get(nonce)
+        pending = self._pending.get(key) if key is not None else None
+        if pending is not None and key[1] == source:
+            self._remove_pending(key)
+            if now - pending.created >= self._limits.pending_ttl_s:
+                self._stats["pending_dropped"] += len(pending.messages)
+                return self._drop("unsolicited_whoareyou", source)
+            return self._initiate(pending.peer, datagram, pending.messages, now)
+        # The peer lost our session (restarted): it answers the last MESSAGE we sent there.
+        for node_id in self._session_ids_at.get(source, ()):
+            session = self._sessions[(node_id, source)]
+            if session.last_nonce == nonce:
+                self._remove_session((node_id, source))
+                return self._initiate(session.peer, datagram, [session.last_message], now)
+        return self._drop("unsolicited_whoareyou", source)
+
+    def _initiate(self, peer: Contact, challenge_data: bytes, messages: list[bytes], now: float) -> Received:
+        """Handshake step 3 (docs/protocol.md): answer a solicited WHOAREYOU with a HANDSHAKE."""
+        id_b = bytes(peer.node_id)
+        try:
+            peer_x25519 = nacl.bindings.crypto_sign_ed25519_pk_to_curve25519(peer.public_key)
+            ephemeral_key = nacl.public.PrivateKey(self._random(32))
+            ephemeral = bytes(ephemeral_key.public_key)
+            secret = nacl.bindings.crypto_scalarmult(bytes(ephemeral_key), peer_x25519)
+        except nacl.exceptions.CryptoError:
+            self._stats["pending_dropped"] += len(messages)
+            return self._drop("bad_key", peer.address)
+        if secret == bytes(32):  # small-order point (RFC 7748 §6.1)
+            self._stats["pending_dropped"] += len(messages)
+            return self._drop("bad_key", peer.address)
+        initiator_key, recipient_key = _session_keys(secret, challenge_data, self._id, id_b)
+        signature = self._identity.sign(
+            SignaturePurpose.SESSION_HANDSHAKE, _handshake_signed(challenge_data, ephemeral, id_b))
+        nonce = self._random(12)
+        header = _HEADER.pack(MAGIC, VERSION, KIND_HANDSHAKE, nonce, _AUTH_HANDSHAKE) + self._public_key + ephemeral + signature
+        first = messages[0] if messages else b""
+        packet = header + _aead_encrypt(first, header, nonce, initiator_key)
+        session = _Session(peer, initiator_key, recipient_key, now)
+        session.last_message = first  # not a counter nonce: a WHOAREYOU cannot answer it
+        self._install((id_b, peer.address), session)
+        self._stats["handshakes_initiated"] += 1
+        outgoing = [self._out(peer.address, packet)]
+        for message in messages[1:]:
+            outgoing.append(self._seal(session, message))
+        return Received((), tuple(outgoing))
+
+    def _on_handshake(self, datagram: bytes, source: Address, nonce: bytes, now: float) -> Received:
+        """Handshake step 4 (docs/protocol.md)."""
+        public_key = datagram[_STATIC:_STATIC + 32]
+        ephemeral = datagram[_STATIC + 32:_STATIC + 64]
+        signature = datagram[_STATIC + 64:_HANDSHAKE_HEAD]
+        src_id = hashlib.sha256(public_key).digest()[:NODE_ID_BYTES]
+        key = (src_id, source)
+        challenge = self._pop_challenge(key)  # single use: consumed whatever follows
+        if challenge is None or now - challenge.created >= self._limits.challenge_ttl_s:
+            return self._drop("unknown_challenge", source)
+        challenge_data = challenge.data
+        if not verify_signature(public_key, SignaturePurpose.SESSION_HANDSHAKE,
+                                _handshake_signed(challenge_data, ephemeral, self._id), signature):
+            return self._drop("bad_signature", source)
+        try:
+            secret = nacl.bindings.crypto_scalarmult(self._x25519_secret, ephemeral)
+        except nacl.exceptions.CryptoError:
+            return self._drop("bad_key", source)
+        if secret == bytes(32):
+            return self._drop("bad_key", source)
+        initiator_key, recipient_key = _session_keys(secret, challenge_data, src_id, self._id)
+        message = _aead_decrypt(datagram[_HANDSHAKE_HEAD:], datagram[:_HANDSHAKE_HEAD], nonce, initiator_key)
+        if message is None:
+            return self._drop("decrypt_failed", source)
+        session = _Session(Contact(public_key, source), recipient_key, initiator_key, now)
+        self._install(key, session)
+        self._stats["handshakes_completed"] += 1
+        self._stats["delivered"] += 1
+        return Received((Delivered(session.peer, message),), ())
+
+    # --- sending --------------------------------------------------------------------------------
+
+    def _seal(self, session: _Session, message: bytes) -> Outgoing:
+        session.send_counter += 1
+        nonce = _COUNTER_NONCE.pack(session.send_counter)
+        header = _HEADER.pack(MAGIC, VERSION, KIND_MESSAGE, nonce, _AUTH_MESSAGE) + self._id
+        packet = header + _aead_encrypt(message, header, nonce, session.send_key)
+        session.last_nonce = nonce
+        session.last_message = message
+        address = session.peer.address
+        stats = self._stats
+        stats["packets_out"] += 1
+        stats["bytes_out"] += len(packet)
+        return Outgoing(address, packet)
+
+    def _queue(self, key: tuple[bytes, Address], peer: Contact, message: bytes, now: float) -> list[Outgoing]:
+        """Handshake step 1: queue the message; send a random packet unless one is fresh."""
+        limits = self._limits
+        pending = self._pending.get(key)
+        if pending is not None and now - pending.created >= limits.pending_ttl_s:
+            self._stats["pending_dropped"] += len(pending.messages)
+            self._remove_pending(key)
+            pending = None
+        if pending is None:
+            while len(self._pending) >= limits.max_pending_peers:
+                oldest = next(iter(self._pending))
+                self._stats["pending_dropped"] += len(self._pending[oldest].messages)
+                self._remove_pending(oldest)
+            pending = self._pending[key] = _Pending(peer, now)
+        if len(pending.messages) >= limits.max_pending_messages_per_peer:
+            del pending.messages[0]
+            self._stats["pending_dropped"] += 1
+        pending.messages.append(message)
+        if now - pending.last_random < limits.handshake_retry_s:
+            return []
+        pending.last_random = now
+        nonce = self._random(12)
+        packet = (_HEADER.pack(MAGIC, VERSION, KIND_MESSAGE, nonce, _AUTH_MESSAGE) + self._id
+                  + self._random(_RANDOM_PAYLOAD))
+        if len(pending.nonces) >= _MAX_RANDOM_NONCES:
+            self._pending_by_nonce.pop(pending.nonces.pop(0), None)
+        pending.nonces.append(nonce)
+        self._pending_by_nonce[nonce] = key
+        return [self._out(peer.address, packet)]
+
+    def _out(self, address: Address, packet: bytes) -> Outgoing:
+        self._stats["packets_out"] += 1
+        self._stats["bytes_out"] += len(packet)
+        return Outgoing(address, packet)
+
+    # --- tables ---------------------------------------------------------------------------------
+
+    def _install(self, key: tuple[bytes, Address], session: _Session) -> None:
+        """A new handshake replaces the old session; the least recently used goes when full."""
+        self._remove_session(key)
+        sessions = self._sessions
+        while len(sessions) >= self._limits.max_sessions:  # CLOCK: a used session gets a 2nd chance
+            oldest, candidate = next(iter(sessions.items()))
+            if candidate.touched:
+                candidate.touched = False
+                sessions.move_to_end(oldest)
+                continue
+            self._remove_session(oldest)
+            self._stats["sessions_evicted"] += 1
+        self._sessions[key] = session
+        self._session_ids_at.setdefault(key[1], set()).add(key[0])
+        self._unvalidated.pop(key[1], None)  # the address proved it receives
+
+    def _remove_session(self, key: tuple[bytes, Address]) -> None:
+        if self._sessions.pop(key, None) is not None:
+            ids = self._session_ids_at[key[1]]
+            ids.discard(key[0])
+            if not ids:
+                del self._session_ids_at[key[1]]
+
+    def _pop_challenge(self, key: tuple[bytes, Address]) -> _Challenge | None:
+        challenge = self._challenges.pop(key, None)
+        if challenge is not None:
+            ip = key[1].ip
+            same_ip = self._challenges_per_ip[ip]
+            del same_ip[key]
+            if not same_ip:
+                del self._challenges_per_ip[ip]
+        return challenge
+
+    def _remove_pending(self, key: tuple[bytes, Address]) -> None:
+        pending = self._pending.pop(key, None)
+        if pending is not None:
+            for nonce in pending.nonces:
+                self._pending_by_nonce.pop(nonce, None)
+
+    def _credit_if_unvalidated(self, source: Address, size: int) -> None:
+        if source not in self._session_ids_at:
+            self._credit(source, size)
+
+    def _credit(self, source: Address, size: int) -> None:
+        counts = self._unvalidated.get(source)
+        if counts is None:
+            while len(self._unvalidated) >= self._limits.max_unvalidated_addresses:
+                self._unvalidated.popitem(last=False)
+            self._unvalidated[source] = [size, 0]
+        else:
+            counts[0] += size
+            self._unvalidated.move_to_end(source)
+
+    # --- counting -------------------------------------------------------------------------------
+
+    def _count(self, reason: str) -> None:
+        self._stats[reason] += 1
+        if self._stats[reason] == 1:
+            _log.info("session layer: first datagram dropped as %s", reason)
+
+    def _drop(self, reason: str, source: Address) -> Received:
+        self._count(reason)
+        _log.debug("session layer: dropped a datagram from %s: %s", source, reason)
+        return _NOTHING
+
+
+_WINDOW_MASK = (1 << REPLAY_WINDOW) - 1
