@@ -18,6 +18,11 @@ Key files
     :class:`InsecureKeyFileError` when group or others may read or write a private key file
     (refused, as ssh does).
 
+Running nodes
+    :class:`ClosedError` (also a :class:`RuntimeError`) when a closed node or endpoint is used;
+    :class:`EndpointError` (also an :class:`OSError`) when a UDP address cannot be bound (in use,
+    not local, …), naming the address and the reason.
+
 The C kernel
     :class:`KernelUnavailableError` (also an :class:`ImportError`) when the C extension is required
     by ``SOVEREIGN_DISCOVERY_REQUIRE_C=1`` but cannot be loaded. :class:`KernelFallbackWarning` (a
@@ -41,6 +46,8 @@ __all__ = [
     "InsecureKeyFileError",
     "KernelUnavailableError",
     "KernelFallbackWarning",
+    "ClosedError",
+    "EndpointError",
 ]
 
 
@@ -103,6 +110,17 @@ class KeyFileError(SovereignDiscoveryError):
 class InsecureKeyFileError(KeyFileError):
     """A private key file may be read or written by group or others; it is refused. Fix it with
     ``chmod 600 FILE``."""
+
+
+# --- running nodes -----------------------------------------------------------------------------
+
+
+class ClosedError(SovereignDiscoveryError, RuntimeError):
+    """The node or endpoint was closed; it cannot be used any more."""
+
+
+class EndpointError(SovereignDiscoveryError, OSError):
+    """A UDP endpoint could not be opened; the message names the address and the reason."""
 
 
 # --- the C kernel ------------------------------------------------------------------------------

@@ -1,0 +1,251 @@
+"""The UDP endpoint under the asyncio driver: the only code that touches sockets.
+
+Why not ``loop.create_datagram_endpoint``: Python 3.11's datagram transport reads each datagram
+with ``sock.recvfrom(262144)``, allocating (then shrinking) a 256 KiB buffer per datagram, and
+reads one datagram per readiness event. :class:`UdpEndpoint` registers the non-blocking socket with
+``loop.add_reader`` and drains up to ``max_batch`` datagrams per event with
+``recvfrom(max_datagram_bytes + 1)``: a protocol datagram is at most 1,280 bytes, so a longer one is
+seen as such and dropped.
+
+Network trouble never raises out of the endpoint: oversized datagrams, odd source addresses,
+receive and send errors are counted in :attr:`UdpEndpoint.stats` and logged (the first of each
+kind at INFO). Sends that would block wait in a bounded queue; when it is full the datagram is
+dropped and counted, as UDP would drop it anyway. Caller mistakes raise typed errors, using a
+closed endpoint raises :class:`~sovereign_discovery.errors.ClosedError`, and a failure to bind
+raises :class:`~sovereign_discovery.errors.EndpointError` naming the address and the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import errno
+import logging
+import socket
+from collections.abc import Callable
+
+from .addresses import Address
+from .constants import MAX_DATAGRAM_BYTES
+from .errors import ArgumentTypeError, ArgumentValueError, ClosedError, EndpointError
+
+__all__ = ["UdpEndpoint"]
+
+_log = logging.getLogger(__name__)
+
+DatagramHandler = Callable[[bytes, Address], None]
+
+
+class UdpEndpoint:
+    """One bound UDP socket (IPv4 or IPv6) on an asyncio loop. Make one with :meth:`open`."""
+
+    def __init__(self) -> None:  # use UdpEndpoint.open
+        self._sock: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._handler: DatagramHandler | None = None
+        self._address: Address | None = None
+        self._max_bytes = MAX_DATAGRAM_BYTES
+        self._max_batch = 64
+        self._queue: collections.deque[tuple[tuple, bytes]] = collections.deque()
+        self._max_queue = 1024
+        self._writing = False
+        self._logged: set[str] = set()
+        self.stats: dict[str, int] = dict.fromkeys(
+            ("datagrams_in", "bytes_in", "datagrams_out", "bytes_out", "dropped_oversize",
+             "dropped_bad_source", "dropped_send_queue_full", "receive_errors", "send_errors",
+             "handler_errors"), 0)
+
+    @classmethod
+    async def open(
+        cls,
+        host: str,
+        port: int,
+        on_datagram: DatagramHandler,
+        *,
+        max_datagram_bytes: int = MAX_DATAGRAM_BYTES,
+        max_batch: int = 64,
+        max_send_queue: int = 1024,
+        receive_buffer_bytes: int = 1 << 20,
+    ) -> "UdpEndpoint":
+        """Bind ``host:port`` (port 0 picks a free one) and start delivering datagrams to
+        ``on_datagram(data, source)`` on the running loop.
+
+        ``receive_buffer_bytes`` asks the kernel for a larger socket buffer (best effort: Linux
+        caps it at ``net.core.rmem_max``): answers to parallel lookups arrive in bursts, and the
+        default buffer (about 208 KiB on Linux) holds only about 256 small datagrams."""
+        if not isinstance(host, str):
+            raise ArgumentTypeError(f"host must be an IP address string, not {type(host).__name__}")
+        if not isinstance(port, int) or not 0 <= port <= 65535:
+            raise ArgumentValueError(f"port must be in 0..65535, not {port!r}")
+        if not callable(on_datagram):
+            raise ArgumentTypeError("on_datagram must be callable")
+        for name, value in (("max_datagram_bytes", max_datagram_bytes), ("max_batch", max_batch),
+                            ("max_send_queue", max_send_queue),
+                            ("receive_buffer_bytes", receive_buffer_bytes)):
+            if not isinstance(value, int) or value < 1:
+                raise ArgumentValueError(f"{name} must be an int >= 1, not {value!r}")
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # one family per socket
+            sock.setblocking(False)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer_bytes)
+            except OSError:  # a smaller buffer still works; the kernel keeps its default
+                pass
+            sock.bind((host, port))
+        except OSError as exc:
+            sock.close()
+            reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror or str(exc)
+            shown = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+            raise EndpointError(f"cannot bind UDP {shown}: {reason}") from exc
+        self = cls()
+        self._sock = sock
+        self._loop = asyncio.get_running_loop()
+        self._handler = on_datagram
+        self._max_bytes = max_datagram_bytes
+        self._max_batch = max_batch
+        self._max_queue = max_send_queue
+        bound = sock.getsockname()
+        self._address = Address(bound[0], bound[1])
+        self._loop.add_reader(sock.fileno(), self._read_ready)
+        return self
+
+    @property
+    def address(self) -> Address:
+        """The bound address (with the port the system chose for port 0)."""
+        if self._address is None:
+            raise ClosedError("the endpoint was never opened")
+        return self._address
+
+    @property
+    def receive_buffer_bytes(self) -> int:
+        """The socket receive buffer the kernel granted (Linux reports twice the usable size)."""
+        if self._sock is None:
+            raise ClosedError("the UDP endpoint is closed")
+        return self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+
+    @property
+    def closed(self) -> bool:
+        return self._sock is None
+
+    # --- receiving ------------------------------------------------------------------------------
+
+    def _read_ready(self) -> None:
+        sock, handler, limit = self._sock, self._handler, self._max_bytes
+        if sock is None or handler is None:
+            return
+        for _ in range(self._max_batch):
+            try:
+                data, source = sock.recvfrom(limit + 1)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # e.g. ICMP port unreachable reported on a later read
+                self._count("receive_errors", f"receive error: {exc}")
+                continue
+            if len(data) > limit:
+                self._count("dropped_oversize", f"dropped a datagram over {limit} bytes from {source}")
+                continue
+            try:
+                address = Address(source[0], source[1])
+            except (ArgumentValueError, ArgumentTypeError):
+                self._count("dropped_bad_source", f"dropped a datagram from unusable source {source}")
+                continue
+            self.stats["datagrams_in"] += 1
+            self.stats["bytes_in"] += len(data)
+            try:
+                handler(data, address)
+            except Exception:  # the engine never raises on input; if it does, keep serving others
+                self.stats["handler_errors"] += 1
+                _log.exception("datagram handler raised; datagram from %s dropped", address)
+            if self._sock is None:  # the handler closed us
+                return
+
+    # --- sending --------------------------------------------------------------------------------
+
+    def send(self, address: Address, data: bytes) -> bool:
+        """Send one datagram. False if it was dropped (send queue full, or the system refused it:
+        counted in ``stats``); True if it was sent or queued."""
+        if self._sock is None:
+            raise ClosedError("the UDP endpoint is closed")
+        if not isinstance(address, Address):
+            raise ArgumentTypeError(f"address must be an Address, not {type(address).__name__}")
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise ArgumentTypeError(f"data must be bytes, not {type(data).__name__}")
+        if len(data) > self._max_bytes:
+            raise ArgumentValueError(f"datagram of {len(data)} bytes exceeds {self._max_bytes}")
+        destination = address.to_tuple()  # an IPv6 zone, if any, rides in the host string
+        if self._queue:  # keep order behind datagrams already waiting
+            return self._enqueue(destination, bytes(data))
+        return self._send_now(destination, data)
+
+    def _send_now(self, destination: tuple, data: bytes | bytearray | memoryview) -> bool:
+        assert self._sock is not None
+        try:
+            self._sock.sendto(data, destination)
+        except (BlockingIOError, InterruptedError):
+            return self._enqueue(destination, bytes(data))
+        except OSError as exc:  # unreachable network, wrong family, …: UDP gives no guarantee
+            self._count("send_errors", f"send to {destination[:2]} failed: {exc}")
+            return False
+        self.stats["datagrams_out"] += 1
+        self.stats["bytes_out"] += len(data)
+        return True
+
+    def _enqueue(self, destination: tuple, data: bytes) -> bool:
+        if len(self._queue) >= self._max_queue:
+            self._count("dropped_send_queue_full", "send queue full; dropping datagrams")
+            return False
+        self._queue.append((destination, data))
+        if not self._writing and self._loop is not None and self._sock is not None:
+            self._loop.add_writer(self._sock.fileno(), self._write_ready)
+            self._writing = True
+        return True
+
+    def _write_ready(self) -> None:
+        while self._queue and self._sock is not None:
+            destination, data = self._queue[0]
+            try:
+                self._sock.sendto(data, destination)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._count("send_errors", f"send to {destination[:2]} failed: {exc}")
+            else:
+                self.stats["datagrams_out"] += 1
+                self.stats["bytes_out"] += len(data)
+            self._queue.popleft()
+        self._stop_writing()
+
+    def _stop_writing(self) -> None:
+        if self._writing and self._loop is not None and self._sock is not None:
+            self._loop.remove_writer(self._sock.fileno())
+        self._writing = False
+
+    # --- closing --------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop reading, drop queued datagrams, close the socket. Idempotent."""
+        sock = self._sock
+        if sock is None:
+            return
+        if self._loop is not None:
+            self._loop.remove_reader(sock.fileno())
+        self._stop_writing()
+        self._queue.clear()
+        self._sock = None
+        sock.close()
+
+    async def __aenter__(self) -> "UdpEndpoint":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    def _count(self, key: str, message: str) -> None:
+        self.stats[key] += 1
+        if key not in self._logged:
+            self._logged.add(key)
+            _log.info("%s (further ones at DEBUG; counted in stats[%r])", message, key)
+        else:
+            _log.debug(message)
