@@ -175,6 +175,15 @@ class NodeId(bytes):
         return distance(self, other)
 
 
+def check_node_id(name: str, value: object) -> NodeId:
+    """``value`` as a NodeId, or a caller error naming ``name`` (for functions taking an ID)."""
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        raise ArgumentTypeError(f"{name} must be a NodeId (bytes), not {type(value).__name__}")
+    if len(value) != NODE_ID_BYTES:
+        raise ArgumentValueError(f"{name} must be {NODE_ID_BYTES} bytes long, not {len(value)}")
+    return value if type(value) is NodeId else NodeId(value)
+
+
 def _as_id(value: object, name: str) -> bytes:
     if not isinstance(value, bytes):
         raise ArgumentTypeError(f"{name} must be a NodeId (bytes), not {type(value).__name__}")

@@ -56,7 +56,7 @@ from .errors import (
     RecordFromFutureError,
     RecordTooLargeError,
 )
-from .identity import Identity, SignaturePurpose, signed_message, verify_signature
+from .identity import Identity, SignaturePurpose, verify_signature
 from .keys import NodeId
 
 __all__ = ["PeerRecord", "check_capability", "CAPABILITY_PATTERN"]

@@ -45,7 +45,7 @@ from typing import ClassVar, Union
 from .addresses import Address, decode_address
 from .constants import MAX_MESSAGE_BYTES, MAX_RECORD_BYTES, NODE_ID_BYTES, PUBLIC_KEY_BYTES
 from .errors import ArgumentTypeError, ArgumentValueError, DecodeError
-from .keys import NodeId
+from .keys import NodeId, check_node_id
 from .records import check_capability
 from .routing import Contact
 
@@ -163,14 +163,6 @@ def _check_u64(name: str, value: object) -> int:
     return int(value)
 
 
-def _check_node_id(name: str, value: object) -> NodeId:
-    if not isinstance(value, (bytes, bytearray, memoryview)):
-        raise ArgumentTypeError(f"{name} must be a NodeId (bytes), not {type(value).__name__}")
-    if len(value) != NODE_ID_BYTES:
-        raise ArgumentValueError(f"{name} must be {NODE_ID_BYTES} bytes long, not {len(value)}")
-    return value if type(value) is NodeId else NodeId(value)
-
-
 def _check_record(name: str, value: object) -> bytes:
     if not isinstance(value, (bytes, bytearray, memoryview)):
         raise ArgumentTypeError(f"{name} must be bytes, not {type(value).__name__}")
@@ -234,7 +226,7 @@ class FindNode:
 
     def __init__(self, request_id: bytes, target: bytes) -> None:
         _set(self, "request_id", _check_request_id(request_id))
-        _set(self, "target", _check_node_id("target", target))
+        _set(self, "target", check_node_id("target", target))
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,7 +264,7 @@ class Store:
 
     def __init__(self, request_id: bytes, key: bytes, record: bytes) -> None:
         _set(self, "request_id", _check_request_id(request_id))
-        _set(self, "key", _check_node_id("key", key))
+        _set(self, "key", check_node_id("key", key))
         _set(self, "record", _check_record("record", record))
 
 
@@ -302,7 +294,7 @@ class FindValue:
 
     def __init__(self, request_id: bytes, key: bytes) -> None:
         _set(self, "request_id", _check_request_id(request_id))
-        _set(self, "key", _check_node_id("key", key))
+        _set(self, "key", check_node_id("key", key))
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,7 +321,7 @@ class Announce:
 
     def __init__(self, request_id: bytes, capability_key: bytes, record: bytes) -> None:
         _set(self, "request_id", _check_request_id(request_id))
-        _set(self, "capability_key", _check_node_id("capability_key", capability_key))
+        _set(self, "capability_key", check_node_id("capability_key", capability_key))
         _set(self, "record", _check_record("record", record))
 
 
@@ -341,7 +333,7 @@ class GetProviders:
 
     def __init__(self, request_id: bytes, capability_key: bytes) -> None:
         _set(self, "request_id", _check_request_id(request_id))
-        _set(self, "capability_key", _check_node_id("capability_key", capability_key))
+        _set(self, "capability_key", check_node_id("capability_key", capability_key))
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
-from dataclasses import dataclass
 
 import pytest
 from hypothesis import settings
