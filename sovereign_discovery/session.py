@@ -154,6 +154,7 @@ DROP_REASONS = (
     "bad_signature",  # the HANDSHAKE's id_signature does not verify
     "bad_key",  # a key that is not a usable curve point, or an all-zero X25519 result
     "amplification_limited",  # a WHOAREYOU not sent: it would exceed 3x the bytes received
+    "awaiting_handshake",  # a session MESSAGE we cannot decrypt while our challenge to it is live
     "internal_error",  # a bug: the datagram raised inside the layer (logged with a traceback)
 )
 
@@ -509,8 +510,26 @@ class SessionLayer:
         # docs/protocol.md, handshake step 2: answer what we cannot decrypt with a challenge.
         if source not in self._session_ids_at:
             self._credit(source, len(datagram))
+        live = self._challenges.get(key)
+        if live is not None and now - live.created < self._limits.challenge_ttl_s:
+            # One live challenge per peer (sigp/discv5's handler does the same): a new one would
+            # spoil the HANDSHAKE answering the live one, which a session MESSAGE sent right after
+            # it can overtake on the way. A random packet (its WHOAREYOU may have been lost) gets
+            # the live challenge again; a session MESSAGE waits for the handshake.
+            if datagram[4:8] == _COUNTER_PREFIX:
+                return self._drop("awaiting_handshake", source)
+            self._count(reason)
+            return self._send_challenge(source, live.data)
         self._count(reason)
         return self._challenge(src_id, source, nonce, now)
+
+    def _send_challenge(self, source: Address, packet: bytes) -> Received:
+        if source not in self._session_ids_at:  # anti-amplification, RFC 9000 §8
+            counts = self._unvalidated.get(source)
+            if counts is None or counts[1] + len(packet) > self._limits.amplification_factor * counts[0]:
+                return self._drop("amplification_limited", source)
+            counts[1] += len(packet)
+        return Received((), (self._out(source, packet),))
 
     def _challenge(self, src_id: bytes, source: Address, nonce: bytes, now: float) -> Received:
         if source not in self._session_ids_at:  # anti-amplification, RFC 9000 §8

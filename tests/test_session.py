@@ -186,7 +186,8 @@ def test_every_flipped_byte_is_dropped(pair):
         tampered[i] ^= 0xFF
         assert b.receive(bytes(tampered), A_ADDR, 0).delivered == (), i
     after = b.stats
-    drops = ("bad_magic", "unknown_version", "unknown_kind", "malformed", "decrypt_failed", "no_session", "replayed")
+    drops = ("bad_magic", "unknown_version", "unknown_kind", "malformed", "decrypt_failed", "no_session", "replayed",
+                 "awaiting_handshake")
     assert sum(after[r] - before[r] for r in drops) == len(datagram)
     assert after["delivered"] == before["delivered"]
     # the window did not move: the genuine packet is still accepted
@@ -414,6 +415,45 @@ def test_lost_whoareyou_is_retried():
     _, challenge = deliver(b, retry, A_ADDR, 1.5)
     _, packets = deliver(a, challenge, B_ADDR, 1.5)
     assert [d.message for d in deliver(b, packets, A_ADDR, 1.5)[0]] == [b"one", b"two"]
+
+
+def test_message_overtaking_its_handshake_does_not_spoil_it():
+    """HANDSHAKE and the MESSAGEs sent right after it, reordered on the way: the responder keeps its
+    live challenge (no second WHOAREYOU), so the HANDSHAKE still completes; the early MESSAGE is
+    dropped as awaiting_handshake and gets through when sent again."""
+    a_id, b_id = ident(1), ident(2)
+    a, b = layer(a_id, 1), layer(b_id, 2)
+    peer = Contact(b_id.public_key, B_ADDR)
+    first = a.send(peer, b"one", 0)
+    second = a.send(peer, b"two", 0)
+    assert second == []  # queued behind the random packet
+    _, challenge = deliver(b, first, A_ADDR)
+    _, packets = deliver(a, challenge, B_ADDR)
+    assert len(packets) == 2  # HANDSHAKE(one), MESSAGE(two)
+    handshake_packet, message_packet = packets
+    assert b.receive(message_packet.datagram, A_ADDR, 0) == ((), ())  # overtook the handshake
+    assert b.stats["awaiting_handshake"] == 1 and b.stats["no_session"] == 1  # the random packet only
+    assert [d.message for d in b.receive(handshake_packet.datagram, A_ADDR, 0).delivered] == [b"one"]
+    assert b.stats["bad_signature"] == 0 and b.stats["handshakes_completed"] == 1
+    again = a.send(peer, b"two", 0.1)
+    assert [d.message for d in deliver(b, again, A_ADDR, 0.1)[0]] == [b"two"]
+
+
+def test_retried_random_packet_gets_the_live_challenge_again():
+    """The WHOAREYOU was lost and the initiator sent a new random packet: the responder sends the
+    same challenge again (not a new one, which would spoil a HANDSHAKE already on its way)."""
+    a_id, b_id = ident(1), ident(2)
+    a, b = layer(a_id, 1), layer(b_id, 2)
+    peer = Contact(b_id.public_key, B_ADDR)
+    _, lost = deliver(b, a.send(peer, b"one", 0), A_ADDR, 0)
+    _, challenge = deliver(b, a.send(peer, b"two", 1.5), A_ADDR, 1.5)
+    assert challenge[0].datagram == lost[0].datagram
+    _, packets = deliver(a, challenge, B_ADDR, 1.5)
+    assert [d.message for d in deliver(b, packets, A_ADDR, 1.5)[0]] == [b"one", b"two"]
+    # once the challenge has expired, a new random packet gets a fresh one
+    a2 = layer(ident(1), 7)
+    _, fresh = deliver(b, a2.send(peer, b"three", 10), A_ADDR, 10)
+    assert fresh[0].datagram != lost[0].datagram
 
 
 # --- arbitrary input ---------------------------------------------------------------------------

@@ -1,0 +1,928 @@
+"""The sans-IO Kademlia engine (docs/engine.md): datagrams, ``now`` and commands in; datagrams,
+events and one timer deadline out. It opens no socket, reads no clock and draws randomness only
+from the injected ``random_bytes`` (keys, nonces) and ``rng`` (request IDs).
+
+It composes the tested parts: :class:`~sovereign_discovery.session.SessionLayer` (authenticated
+packets), :mod:`~sovereign_discovery.wire` (messages),
+:class:`~sovereign_discovery.routing.RoutingTable`, :class:`~sovereign_discovery.lookup.Lookup`
+and :class:`~sovereign_discovery.record_store.RecordStore`. The shape is aioquic's and h11's::
+
+    engine = DhtEngine(identity, now=monotonic_now, unix_offset=time.time() - monotonic_now)
+    engine.receive_datagram(data, source, now)      # never raises
+    engine.handle_timer(now)                        # at engine.next_deadline() or later
+    query = engine.find_record(node_id, now)        # commands return a query ID at once
+    engine.datagrams_to_send(); engine.events(); engine.next_deadline(); engine.stats()
+
+Rules (docs/engine.md, "Rules"):
+
+- **Entering the table.** Only a peer whose message the session layer delivered (it completed a
+  handshake) is inserted, with the address it was heard from. ``Pending(check=c)`` makes the
+  engine PING ``c``: its PONG calls ``touch``, its timeout ``remove`` (Kademlia §2.2). Contacts
+  from NODES answers are lookup candidates only.
+- **Requests.** Random 8-byte request IDs from ``rng``; the outstanding table is capped
+  (``max_outstanding_requests``); an answer is accepted only from the peer asked (node ID and
+  address, i.e. the session), with the matching ID and an expected type, else dropped as
+  ``unsolicited_response``. NODES/PROVIDERS parts are collected until ``total`` or the request's
+  deadline (then the parts in hand count).
+- **Timeouts** adapt per peer (RFC 6298): RTO = SRTT + 4·RTTVAR clamped to [0.25 s, 5 s], 1 s
+  before any sample; the estimator table is an LRU of ``max_rtt_entries``. An unanswered request
+  is sent once more (same ID) at its RTO and given up at twice the RTO (lookups too).
+- **Serving** PING, FIND_NODE, STORE, FIND_VALUE, ANNOUNCE, GET_PROVIDERS as docs/engine.md says.
+  Requests are admitted by a token bucket per source IP and a global one (``rate_limited``).
+- **Lookups** are ``lookup.Lookup`` seeded from ``table.closest``. FIND_VALUE lookups run to the
+  end and return the highest valid ``seq`` (a VALUE answer is a success for the lookup).
+
+Network input never raises: whatever :meth:`DhtEngine.receive_datagram` is given, a problem is
+counted under its reason in :meth:`DhtEngine.stats` (``drops``) and logged (the first of each
+reason at INFO, later ones at DEBUG); a bug is counted as ``internal_error`` with a traceback.
+
+TODO (not in this step; docs/engine.md "Upkeep"):
+
+- bucket refresh timers (a lookup for ``random_id_in_bucket(i)`` every ``refresh_interval_s``);
+- republishing the own record at half its TTL (and after capability changes: today
+  ``announce_capability`` signs a new record and ANNOUNCEs it, but does not STORE it under the own
+  ID; call ``announce_record`` for that);
+- hourly re-replication of stored records (``record_store.due_for_replication``);
+- external-address votes from PONGs (``ExternalAddressChanged``);
+- disjoint-path lookups; sending the newest record to holders of stale copies after FIND_VALUE;
+- removing table entries that time out in lookups (today only failed liveness checks remove).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, fields
+from functools import partial
+
+from .addresses import Address
+from .constants import DEFAULT_BUCKET_SIZE, DEFAULT_PARALLELISM, DEFAULT_RECORD_TTL_S, MAX_BUCKET_SIZE
+from .errors import ArgumentTypeError, ArgumentValueError, DecodeError
+from .events import (
+    ContactAdded,
+    ContactRemoved,
+    Event,
+    LookupFinished,
+    ProvidersFound,
+    QueryId,
+    RecordAnnounced,
+    RecordFound,
+)
+from .identity import Identity
+from .keys import NodeId, check_node_id
+from .lookup import Lookup, LookupParams
+from .record_store import RecordStore
+from .records import PeerRecord, check_capability
+from .routing import Contact, Inserted, Pending, RoutingTable
+from .session import DROP_REASONS as SESSION_DROP_REASONS
+from .session import SessionLayer
+from .wire import (
+    Announce,
+    FindNode,
+    FindValue,
+    GetProviders,
+    MessageType,
+    Nodes,
+    Ping,
+    Pong,
+    Providers,
+    Store,
+    StoreResult,
+    StoreStatus,
+    Value,
+    capability_key,
+    decode_message,
+    encode_message,
+    split_nodes,
+    split_providers,
+)
+
+__all__ = ["DhtEngine", "DhtConfig", "DROP_REASONS", "MIN_RTO_S", "MAX_RTO_S", "INITIAL_RTO_S"]
+
+_log = logging.getLogger(__name__)
+
+#: RFC 6298 adaptive timeout bounds (docs/engine.md): 1 s before any sample, then
+#: SRTT + 4·RTTVAR clamped to [0.25 s, 5 s].
+MIN_RTO_S = 0.25
+MAX_RTO_S = 5.0
+INITIAL_RTO_S = 1.0
+#: A request waits this many times its RTO for an answer; at the RTO itself it is sent once more
+#: with the same ID (discv5 retries requests too): a message lost, or lost in a session
+#: re-handshake (the session layer carries only the last message again), gets a second chance.
+#: Lookups get the same total timeout, so a peer stays IN_FLIGHT through its retry (a lookup
+#: counts a timed-out peer neither for nor against termination, so ending the wait at the first
+#: RTO let lookups finish without one of the true k closest). Karn's rule: a retried request
+#: gives no round-trip sample.
+_ATTEMPTS = 2.0
+
+#: Every reason the engine drops a message, each a key of ``stats()["drops"]`` (the session
+#: layer's reasons are merged in with a ``session.`` prefix).
+DROP_REASONS = (
+    "undecodable",  # the session delivered bytes that wire.decode_message refused
+    "unsolicited_response",  # no outstanding request with that ID, from that peer, of that type
+    "duplicate_response",  # from the peer asked, for a request already answered (e.g. retried)
+    "late_response",  # from the peer asked, for a request already given up
+    "rate_limited",  # a request over its source IP's or the global token bucket
+    "invalid_record_received",  # a VALUE or PROVIDERS record that does not verify or fit the key
+    "outstanding_full",  # a request not sent: max_outstanding_requests reached
+    "lookups_full",  # a lookup not started: max_lookups reached
+    "internal_error",  # a bug: the input raised inside the engine (logged with a traceback)
+)
+
+_REQUEST_TYPES = (Ping, FindNode, Store, FindValue, Announce, GetProviders)
+_RESPONSE_TYPES = (Pong, Nodes, StoreResult, Value, Providers)
+
+
+# --- configuration -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DhtConfig:
+    """Settings of a :class:`DhtEngine`. Validated at construction: a wrong type or value raises
+    :class:`~sovereign_discovery.errors.ArgumentTypeError` / ``ArgumentValueError`` naming the
+    setting."""
+
+    #: Kademlia's k (paper §2.2): bucket size, and the number of closest peers a lookup seeks and
+    #: a record is stored at.
+    bucket_size: int = DEFAULT_BUCKET_SIZE
+    #: Kademlia's α (paper §2.3): lookup requests in flight.
+    parallelism: int = DEFAULT_PARALLELISM
+    #: Lifetime of the own record (Unix seconds after signing).
+    record_ttl_s: float = float(DEFAULT_RECORD_TTL_S)
+    #: Overall deadline of one lookup.
+    lookup_deadline_s: float = 10.0
+    #: Outstanding requests (awaiting an answer) at most; beyond, a request is not sent.
+    max_outstanding_requests: int = 1024
+    #: Lookups running at most; beyond, a lookup command finishes at once with no result (counted
+    #: as ``lookups_full``).
+    max_lookups: int = 256
+    #: Peers whose round-trip estimates are kept (LRU).
+    max_rtt_entries: int = 4096
+    #: Token bucket per source IP for requests: refill rate (requests/s) and burst size.
+    rate_per_ip_per_s: float = 50.0
+    burst_per_ip: float = 100.0
+    #: The global token bucket for requests from anyone.
+    rate_global_per_s: float = 2000.0
+    burst_global: float = 4000.0
+    #: Source IPs whose token buckets are kept (LRU; one forgotten starts again with a full
+    #: bucket, which the global bucket bounds).
+    max_rate_limited_ips: int = 10_000
+    #: How often the session layer, the store and the rate buckets are expired.
+    upkeep_interval_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        ints = {"bucket_size", "parallelism", "max_outstanding_requests", "max_lookups",
+                "max_rtt_entries", "max_rate_limited_ips"}
+        for f in fields(self):
+            name, value = f.name, getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ArgumentTypeError(f"{name} must be a number, not {type(value).__name__}")
+            if name in ints and not isinstance(value, int):
+                raise ArgumentTypeError(f"{name} must be an int, not {type(value).__name__}")
+            if not (math.isfinite(value) and value > 0):
+                raise ArgumentValueError(f"{name} must be positive and finite, not {value!r}")
+        if self.bucket_size > MAX_BUCKET_SIZE:
+            raise ArgumentValueError(f"bucket_size must be in 1..{MAX_BUCKET_SIZE}, not {self.bucket_size}")
+        if self.burst_per_ip < 1 or self.burst_global < 1:
+            raise ArgumentValueError("burst_per_ip and burst_global must be >= 1 (one request)")
+
+
+# --- internal state ------------------------------------------------------------------------------
+
+
+class _Request:
+    """One outstanding request: answered only by ``peer`` (node ID and address), with
+    ``request_id`` and a type in ``expected``."""
+
+    __slots__ = ("request_id", "peer", "expected", "sent_at", "deadline", "on_done", "parts",
+                 "total", "kind", "message", "retry_at")
+
+    def __init__(self, request_id: bytes, peer: Contact, expected: tuple[type, ...], sent_at: float,
+                 deadline: float, on_done: Callable[[list | None, float], None]) -> None:
+        self.request_id = request_id
+        self.peer = peer
+        self.expected = expected
+        self.sent_at = sent_at
+        self.deadline = deadline
+        self.on_done = on_done  # called with the answer's parts, or None on timeout
+        self.parts: list = []
+        self.total = 0
+        self.kind: type | None = None  # the type of the first part: later parts must match
+        self.message = None  # the request, for its one retry
+        self.retry_at = math.inf  # when to send it again (inf: already retried, or answered)
+
+
+class _Query:
+    __slots__ = ("id", "kind", "target", "lookup", "best", "providers", "count", "capability",
+                 "pending", "stored", "record", "answered", "learned")
+
+    def __init__(self, query_id: QueryId, kind: str, target: NodeId) -> None:
+        self.id = query_id
+        self.kind = kind  # find_node, find_record, find_providers, announce_record,
+        # announce_capability, bootstrap
+        self.target = target
+        self.lookup: Lookup | None = None
+        self.best: PeerRecord | None = None  # find_record: highest seq seen
+        self.providers: dict[bytes, PeerRecord] = {}  # find_providers: by node ID
+        self.count = 0
+        self.capability = ""
+        self.pending = 0  # bootstrap requests, or STORE/ANNOUNCE requests, awaiting an answer
+        self.stored = 0
+        self.record: PeerRecord | None = None  # announce: the record sent
+        self.answered = False  # bootstrap: some contact answered
+        self.learned: list[Contact] = []  # bootstrap: contacts from NODES answers
+
+
+class _TokenBucket:
+    __slots__ = ("tokens", "last")
+
+    def __init__(self, tokens: float, now: float) -> None:
+        self.tokens = tokens
+        self.last = now
+
+    def take(self, rate: float, burst: float, now: float) -> bool:
+        if now > self.last:
+            self.tokens = min(burst, self.tokens + (now - self.last) * rate)
+            self.last = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+def _check_now(value: object, name: str = "now") -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ArgumentTypeError(f"{name} must be a number (monotonic seconds), not {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ArgumentValueError(f"{name} must be finite, not {value}")
+    return value
+
+
+# --- the engine ----------------------------------------------------------------------------------
+
+
+class DhtEngine:
+    """The sans-IO DHT engine of one identity. See the module docstring and docs/engine.md."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        *,
+        config: DhtConfig = DhtConfig(),
+        random_bytes: Callable[[int], bytes] = os.urandom,
+        rng: random.Random | None = None,
+        now: float,
+        unix_offset: float,
+        advertised_address: Address | None = None,
+    ) -> None:
+        if not isinstance(identity, Identity):
+            raise ArgumentTypeError(f"identity must be an Identity, not {type(identity).__name__}")
+        if not isinstance(config, DhtConfig):
+            raise ArgumentTypeError(f"config must be a DhtConfig, not {type(config).__name__}")
+        if not callable(random_bytes):
+            raise ArgumentTypeError("random_bytes must be callable")
+        if rng is not None and not isinstance(rng, random.Random):
+            raise ArgumentTypeError(f"rng must be a random.Random, not {type(rng).__name__}")
+        if advertised_address is not None and not isinstance(advertised_address, Address):
+            raise ArgumentTypeError(
+                f"advertised_address must be an Address, not {type(advertised_address).__name__}")
+        now = _check_now(now)
+        self._unix_offset = _check_now(unix_offset, "unix_offset")
+        self._identity = identity
+        self._id = identity.node_id
+        self._config = config
+        self._rng = rng if rng is not None else random.Random(random_bytes(32))
+        self._advertised = advertised_address
+        self._session = SessionLayer(identity, random_bytes=random_bytes)
+        self._table = RoutingTable(self._id, bucket_size=config.bucket_size, now=now)
+        self._store = RecordStore()
+        self._lookup_params = LookupParams(bucket_size=config.bucket_size,
+                                           parallelism=config.parallelism,
+                                           deadline_s=config.lookup_deadline_s)
+        self._out: list[tuple[Address, bytes]] = []
+        self._events: list[Event] = []
+        self._requests: dict[bytes, _Request] = {}
+        #: request ID -> (peer ID, drop reason) of requests recently finished (bounded)
+        self._done: OrderedDict[bytes, tuple[bytes, str]] = OrderedDict()
+        self._queries: dict[QueryId, _Query] = {}
+        self._next_query = 1
+        self._rtt: OrderedDict[bytes, list[float]] = OrderedDict()  # node ID -> [srtt, rttvar]
+        self._ip_buckets: OrderedDict[object, _TokenBucket] = OrderedDict()
+        self._global_bucket = _TokenBucket(config.burst_global, now)
+        self._next_upkeep = now + config.upkeep_interval_s
+        self._own_record: PeerRecord | None = None
+        self._capabilities: set[str] = set()
+        self._drops: dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
+        self._stats_retries = 0
+        names = [t.name.lower() for t in MessageType]
+        self._in: dict[str, int] = dict.fromkeys(names, 0)
+        self._sent: dict[str, int] = dict.fromkeys(names, 0)
+
+    # --- inspection ---------------------------------------------------------------------------------
+
+    @property
+    def node_id(self) -> NodeId:
+        return self._id
+
+    @property
+    def config(self) -> DhtConfig:
+        return self._config
+
+    @property
+    def table(self) -> RoutingTable:
+        """The routing table (read it; the engine alone changes it)."""
+        return self._table
+
+    @property
+    def store(self) -> RecordStore:
+        return self._store
+
+    @property
+    def own_record(self) -> PeerRecord | None:
+        return self._own_record
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        return frozenset(self._capabilities)
+
+    def contact(self, address: Address) -> Contact:
+        """This node as a contact reachable at ``address`` (for others to bootstrap from)."""
+        return Contact(self._identity.public_key, address)
+
+    def rto(self, node_id: bytes) -> float:
+        """The current request timeout for ``node_id`` (RFC 6298, clamped)."""
+        entry = self._rtt.get(bytes(node_id))
+        if entry is None:
+            return INITIAL_RTO_S
+        return min(MAX_RTO_S, max(MIN_RTO_S, entry[0] + 4.0 * entry[1]))
+
+    def stats(self) -> dict:
+        """Messages in and out by type, drops by reason (the session layer's prefixed with
+        ``session.``), and the sizes of every table."""
+        session = self._session.stats
+        drops = dict(self._drops)
+        for reason in SESSION_DROP_REASONS:
+            drops["session." + reason] = session[reason]
+        return {
+            "messages_in": dict(self._in),
+            "messages_out": dict(self._sent),
+            "drops": drops,
+            "table_size": len(self._table),
+            "sessions": session["sessions"],
+            "outstanding_requests": len(self._requests),
+            "requests_retried": self._stats_retries,
+            "lookups_running": sum(1 for q in self._queries.values()
+                                   if q.lookup is not None and not q.lookup.finished),
+            "queries_running": len(self._queries),
+            "rtt_entries": len(self._rtt),
+            "rate_limited_ips": len(self._ip_buckets),
+            "store": self._store.stats,
+            "session": session,
+        }
+
+    # --- host interface ------------------------------------------------------------------------------
+
+    def receive_datagram(self, data: bytes, source: Address, now: float) -> None:
+        """Network input. Never raises: every problem is dropped and counted."""
+        try:
+            received = self._session.receive(data, source, now)
+            self._queue_out(received.outgoing)
+            for delivered in received.delivered:
+                self._on_message(delivered.peer, delivered.message, now)
+        except Exception:  # a bug: never let network input crash the engine
+            self._drop("internal_error", "datagram from %s raised", source, exc_info=True)
+
+    def handle_timer(self, now: float) -> None:
+        """Apply request and lookup timeouts and run upkeep. Call at :meth:`next_deadline`."""
+        now = _check_now(now)
+        expired = [r for r in self._requests.values() if r.deadline <= now]
+        for request in expired:
+            if self._requests.pop(request.request_id, None) is not None:
+                self._remember_done(request, "duplicate_response" if request.parts else "late_response")
+                request.on_done(request.parts or None, now)
+        for request in [r for r in self._requests.values() if r.retry_at <= now]:
+            request.retry_at = math.inf
+            self._retry(request, now)
+        for query in list(self._queries.values()):
+            if query.lookup is not None and not query.lookup.finished \
+                    and query.id in self._queries:
+                self._drive(query, now)
+        if now >= self._next_upkeep:
+            self._upkeep(now)
+
+    def datagrams_to_send(self) -> list[tuple[Address, bytes]]:
+        out, self._out = self._out, []
+        return out
+
+    def events(self) -> list[Event]:
+        out, self._events = self._events, []
+        return out
+
+    def next_deadline(self) -> float | None:
+        """The one time :meth:`handle_timer` is due: the earliest request deadline, lookup
+        deadline (per-peer timeout or overall), or upkeep."""
+        deadline = self._next_upkeep
+        for request in self._requests.values():
+            if request.deadline < deadline:
+                deadline = request.deadline
+            if request.retry_at < deadline:
+                deadline = request.retry_at
+        for query in self._queries.values():
+            lookup = query.lookup
+            if lookup is not None:
+                when = lookup.next_deadline()
+                if when is not None and when < deadline:
+                    deadline = when
+        return deadline
+
+    # --- commands ------------------------------------------------------------------------------------
+
+    def bootstrap(self, contacts: Iterable[Contact], now: float) -> QueryId:
+        """PING and FIND_NODE(own ID) each contact (none enters the table before it answers);
+        once one answers, a self-lookup runs. Ends with :class:`LookupFinished`."""
+        now = _check_now(now)
+        if isinstance(contacts, (bytes, str)) or not isinstance(contacts, Iterable):
+            raise ArgumentTypeError(f"contacts must be an iterable of Contact, not {type(contacts).__name__}")
+        contacts = list(contacts)
+        for c in contacts:
+            if not isinstance(c, Contact):
+                raise ArgumentTypeError(f"contacts must hold Contact objects, not {type(c).__name__}")
+        query = self._new_query("bootstrap", self._id)
+        for contact in contacts:
+            if contact.node_id == self._id:
+                continue
+            for message_type, expected in ((Ping, (Pong,)), (FindNode, (Nodes,))):
+                rid = self._request_id()
+                message = Ping(rid, self._own_seq()) if message_type is Ping else FindNode(rid, self._id)
+                if self._request(contact, message, expected, now,
+                                 partial(self._on_bootstrap_answer, query.id), self.rto(contact.node_id)):
+                    query.pending += 1
+        if query.pending == 0:
+            self._finish_bootstrap_failed(query)
+        return query.id
+
+    def find_node(self, target: bytes, now: float) -> QueryId:
+        """Look up the k closest peers of ``target``. Ends with :class:`LookupFinished`."""
+        target = check_node_id("target", target)
+        now = _check_now(now)
+        query = self._new_query("find_node", target)
+        self._start_lookup(query, now)
+        return query.id
+
+    def find_record(self, node_id: bytes, now: float) -> QueryId:
+        """FIND_VALUE lookup of ``node_id``'s record: the highest valid ``seq`` seen. Ends with
+        :class:`LookupFinished` then :class:`RecordFound`."""
+        node_id = check_node_id("node_id", node_id)
+        now = _check_now(now)
+        query = self._new_query("find_record", node_id)
+        query.best = self._store.get(node_id, self._unix(now))
+        self._start_lookup(query, now)
+        return query.id
+
+    def find_providers(self, capability: str, now: float, count: int = DEFAULT_BUCKET_SIZE) -> QueryId:
+        """GET_PROVIDERS lookup of ``capability``: stops once ``count`` verified providers are in
+        hand. Ends with :class:`LookupFinished` then :class:`ProvidersFound`."""
+        check_capability(capability)
+        now = _check_now(now)
+        if isinstance(count, bool) or not isinstance(count, int):
+            raise ArgumentTypeError(f"count must be an int, not {type(count).__name__}")
+        if count < 1:
+            raise ArgumentValueError(f"count must be >= 1, not {count}")
+        key = capability_key(capability)
+        query = self._new_query("find_providers", key)
+        query.capability = capability
+        query.count = count
+        for record in self._store.providers(key, self._unix(now), count):
+            query.providers[record.node_id] = record
+        self._start_lookup(query, now)
+        return query.id
+
+    def announce_record(self, now: float) -> QueryId:
+        """Sign a new own record (seq = max(previous + 1, Unix ms)), keep it locally, look up the
+        own ID and STORE it at the k closest. Ends with :class:`LookupFinished` then
+        :class:`RecordAnnounced`."""
+        now = _check_now(now)
+        record = self._sign_record(now)
+        query = self._new_query("announce_record", self._id)
+        query.record = record
+        self._start_lookup(query, now)
+        return query.id
+
+    def announce_capability(self, name: str, now: float) -> QueryId:
+        """Add ``name`` to the own record's capabilities (re-signed), and ANNOUNCE it at the k
+        closest of ``capability_key(name)``. Ends with :class:`LookupFinished` then
+        :class:`RecordAnnounced`."""
+        check_capability(name)
+        now = _check_now(now)
+        self._capabilities.add(name)
+        record = self._sign_record(now)
+        key = capability_key(name)
+        self._store.add_provider(key, record, None, self._unix(now))
+        query = self._new_query("announce_capability", key)
+        query.record = record
+        query.capability = name
+        self._start_lookup(query, now)
+        return query.id
+
+    # --- receiving -----------------------------------------------------------------------------------
+
+    def _on_message(self, peer: Contact, data: bytes, now: float) -> None:
+        try:
+            message = decode_message(data)
+        except DecodeError as exc:
+            self._drop("undecodable", "message from %s: %s", peer, exc)
+            return
+        self._in[message.TYPE.name.lower()] += 1
+        is_request = isinstance(message, _REQUEST_TYPES)
+        if is_request and not self._admit(peer.address, now):
+            self._drop("rate_limited", "request from %s", peer.address)
+            return
+        self._enter_table(peer, now)
+        if is_request:
+            self._serve(peer, message, now)
+        else:
+            self._on_response(peer, message, now)
+
+    def _admit(self, source: Address, now: float) -> bool:
+        """Token buckets: the source IP's, then the global one (docs/engine.md, Serving)."""
+        config = self._config
+        buckets = self._ip_buckets
+        ip = source.ip
+        bucket = buckets.get(ip)
+        if bucket is None:
+            while len(buckets) >= config.max_rate_limited_ips:
+                buckets.popitem(last=False)
+            bucket = buckets[ip] = _TokenBucket(config.burst_per_ip, now)
+        else:
+            buckets.move_to_end(ip)
+        if not bucket.take(config.rate_per_ip_per_s, config.burst_per_ip, now):
+            return False
+        return self._global_bucket.take(config.rate_global_per_s, config.burst_global, now)
+
+    def _enter_table(self, peer: Contact, now: float) -> None:
+        result = self._table.insert(peer, now)
+        if isinstance(result, Inserted):
+            self._events.append(ContactAdded(peer))
+        elif isinstance(result, Pending):
+            check = result.check
+            rid = self._request_id()
+            self._request(check, Ping(rid, self._own_seq()), (Pong,), now,
+                          partial(self._on_liveness, check), self.rto(check.node_id))
+
+    def _on_liveness(self, check: Contact, parts: list | None, now: float) -> None:
+        """Kademlia §2.2: the least-recently-seen entry answered (stays) or not (goes)."""
+        if parts is not None:
+            self._table.touch(check.node_id, now)
+            return
+        removed = self._table.remove(check.node_id, now)
+        if removed is not None and removed.contact.node_id == check.node_id:
+            self._events.append(ContactRemoved(check.node_id))
+            if removed.promoted is not None:
+                self._events.append(ContactAdded(removed.promoted))
+
+    def _on_response(self, peer: Contact, message, now: float) -> None:
+        request = self._requests.get(message.request_id)
+        if request is None:
+            done = self._done.get(message.request_id)
+            if done is not None and done[0] == peer.node_id:
+                self._drop(done[1], "%s from %s", message.TYPE.name, peer)
+                return
+        if (request is None or request.peer.node_id != peer.node_id
+                or request.peer.address != peer.address
+                or not isinstance(message, request.expected)
+                or (request.kind is not None and type(message) is not request.kind)):
+            self._drop("unsolicited_response", "%s from %s", message.TYPE.name, peer)
+            return
+        if request.kind is None:
+            request.kind = type(message)
+            if request.retry_at != math.inf:  # Karn: no sample from a retried request
+                self._sample_rtt(peer.node_id, now - request.sent_at)
+            request.retry_at = math.inf
+        request.parts.append(message)
+        total = getattr(message, "total", 1)
+        if request.total == 0:
+            request.total = total
+        if len(request.parts) >= request.total:
+            del self._requests[request.request_id]
+            self._remember_done(request, "duplicate_response")
+            request.on_done(request.parts, now)
+
+    # --- serving -------------------------------------------------------------------------------------
+
+    def _serve(self, peer: Contact, message, now: float) -> None:
+        rid = message.request_id
+        k = self._config.bucket_size
+        if isinstance(message, Ping):
+            self._send(peer, Pong(rid, self._own_seq(), peer.address), now)
+        elif isinstance(message, FindNode):
+            self._send_nodes(peer, rid, message.target, now)
+        elif isinstance(message, Store):
+            status = self._accept(message.record, now, lambda record, unix: self._store.put(
+                message.key, record, peer.node_id, unix))
+            self._send(peer, StoreResult(rid, status), now)
+        elif isinstance(message, FindValue):
+            record = self._store.get(message.key, self._unix(now))
+            if record is not None:
+                self._send(peer, Value(rid, record.encoded), now)
+            else:
+                self._send_nodes(peer, rid, message.key, now)
+        elif isinstance(message, Announce):
+            status = self._accept(message.record, now, lambda record, unix: self._store.add_provider(
+                message.capability_key, record, peer.node_id, unix))
+            self._send(peer, StoreResult(rid, status), now)
+        elif isinstance(message, GetProviders):
+            records = [r.encoded for r in self._store.providers(message.capability_key, self._unix(now), k)]
+            if not records:
+                self._send_nodes(peer, rid, message.capability_key, now)
+                return
+            for n in range(len(records), 0, -1):  # as many as fit one response
+                try:
+                    pieces = split_providers(rid, records[:n])
+                except ArgumentValueError:
+                    continue
+                for piece in pieces:
+                    self._send(peer, piece, now)
+                return
+
+    def _accept(self, raw: bytes, now: float, put: Callable[[PeerRecord, float], StoreStatus]) -> StoreStatus:
+        unix = self._unix(now)
+        try:
+            record = PeerRecord.decode(raw, now=unix)
+        except DecodeError:
+            return StoreStatus.INVALID_RECORD
+        return put(record, unix)
+
+    def _send_nodes(self, peer: Contact, rid: bytes, target: bytes, now: float) -> None:
+        for piece in split_nodes(rid, self._table.closest(target, self._config.bucket_size)):
+            self._send(peer, piece, now)
+
+    # --- requests ------------------------------------------------------------------------------------
+
+    def _request(self, peer: Contact, message, expected: tuple[type, ...], now: float,
+                 on_done: Callable[[list | None, float], None], timeout_s: float) -> bool:
+        """Send a request, again at ``now + timeout_s`` if unanswered, and await its answer until
+        ``now + 2 × timeout_s``. False (and nothing sent) when the outstanding table is full."""
+        if len(self._requests) >= self._config.max_outstanding_requests:
+            self._drop("outstanding_full", "request to %s not sent", peer)
+            return False
+        request = _Request(message.request_id, peer, expected, now,
+                           now + _ATTEMPTS * timeout_s, on_done)
+        request.message = message
+        request.retry_at = now + timeout_s
+        self._requests[message.request_id] = request
+        self._send(peer, message, now)
+        return True
+
+    def _remember_done(self, request: _Request, reason: str) -> None:
+        """Remember a finished request for a while, so that a second answer (to its retry) or a
+        late one is counted as such rather than as unsolicited."""
+        done = self._done
+        while len(done) >= self._config.max_outstanding_requests:
+            done.popitem(last=False)
+        done[request.request_id] = (request.peer.node_id, reason)
+
+    def _request_id(self) -> bytes:
+        while True:
+            rid = self._rng.getrandbits(64).to_bytes(8, "big")
+            if rid not in self._requests and rid not in self._done:
+                return rid
+
+    def _send(self, peer: Contact, message, now: float) -> None:
+        self._sent[message.TYPE.name.lower()] += 1
+        self._queue_out(self._session.send(peer, encode_message(message), now))
+
+    def _retry(self, request: _Request, now: float) -> None:
+        """Send an unanswered request once more (the session layer retries its handshake too)."""
+        self._stats_retries += 1
+        self._sent[request.message.TYPE.name.lower()] += 1
+        self._queue_out(self._session.send(request.peer, encode_message(request.message), now))
+
+    def _queue_out(self, outgoing) -> None:
+        for item in outgoing:
+            self._out.append((item.address, item.datagram))
+
+    def _sample_rtt(self, node_id: bytes, sample: float) -> None:
+        """RFC 6298 §2: SRTT/RTTVAR from one round-trip sample."""
+        table = self._rtt
+        entry = table.get(node_id)
+        if entry is None:
+            while len(table) >= self._config.max_rtt_entries:
+                table.popitem(last=False)
+            table[node_id] = [sample, sample / 2.0]
+            return
+        table.move_to_end(node_id)
+        srtt, rttvar = entry
+        entry[1] = 0.75 * rttvar + 0.25 * abs(srtt - sample)
+        entry[0] = 0.875 * srtt + 0.125 * sample
+
+    # --- lookups -------------------------------------------------------------------------------------
+
+    def _new_query(self, kind: str, target: NodeId) -> _Query:
+        query = _Query(self._next_query, kind, target)
+        self._next_query += 1
+        self._queries[query.id] = query
+        return query
+
+    def _start_lookup(self, query: _Query, now: float, extra_seeds: Iterable[Contact] = ()) -> None:
+        running = sum(1 for q in self._queries.values() if q.lookup is not None and not q.lookup.finished)
+        seeds = self._table.closest(query.target, self._config.bucket_size)
+        known = {c.node_id for c in seeds}
+        seeds += [c for c in extra_seeds if c.node_id not in known and c.node_id != self._id]
+        if running >= self._config.max_lookups:
+            self._drop("lookups_full", "lookup for %s not started", query.target)
+            seeds = []
+        query.lookup = Lookup(self._id, query.target, seeds, params=self._lookup_params, now=now,
+                              request_timeout_s=self._lookup_timeout)
+        self._drive(query, now)
+
+    def _lookup_timeout(self, contact: Contact) -> float:
+        return _ATTEMPTS * self.rto(contact.node_id)
+
+    def _drive(self, query: _Query, now: float) -> None:
+        """Poll the lookup, send a request per peer it picks, and finish the query when it ends."""
+        lookup = query.lookup
+        assert lookup is not None
+        while True:
+            failed = False
+            for contact in lookup.poll(now):
+                if not self._send_lookup_request(query, contact, now):
+                    lookup.on_failure(contact.node_id, now)
+                    failed = True
+            if not failed or lookup.finished:
+                break
+        if lookup.finished:
+            self._lookup_finished(query, now)
+
+    def _send_lookup_request(self, query: _Query, contact: Contact, now: float) -> bool:
+        rid = self._request_id()
+        if query.kind == "find_record":
+            message, expected = FindValue(rid, query.target), (Value, Nodes)
+        elif query.kind == "find_providers":
+            message, expected = GetProviders(rid, query.target), (Providers, Nodes)
+        else:
+            message, expected = FindNode(rid, query.target), (Nodes,)
+        return self._request(contact, message, expected, now,
+                             partial(self._on_lookup_answer, query.id, contact), self.rto(contact.node_id))
+
+    def _on_lookup_answer(self, query_id: QueryId, contact: Contact, parts: list | None, now: float) -> None:
+        query = self._queries.get(query_id)
+        if query is None or query.lookup is None or query.lookup.finished:
+            return
+        lookup = query.lookup
+        if parts is None:
+            lookup.on_failure(contact.node_id, now)
+        elif isinstance(parts[0], Nodes):
+            closer = [c for part in parts for c in part.contacts]
+            lookup.on_success(contact.node_id, closer, now)
+        elif isinstance(parts[0], Value):
+            record = self._verify(parts[0].record, now)
+            if record is None or record.node_id != query.target:
+                if record is not None:
+                    self._drop("invalid_record_received", "VALUE for another key from %s", contact)
+                lookup.on_failure(contact.node_id, now)
+            else:
+                if query.best is None or record.seq > query.best.seq:
+                    query.best = record
+                lookup.on_success(contact.node_id, (), now)
+        else:  # PROVIDERS
+            for part in parts:
+                for raw in part.records:
+                    record = self._verify(raw, now)
+                    if record is None:
+                        continue
+                    if capability_key_matches(record, query.target):
+                        held = query.providers.get(record.node_id)
+                        if held is None or record.seq > held.seq:
+                            query.providers[record.node_id] = record
+                    else:
+                        self._drop("invalid_record_received", "provider record off key from %s", contact)
+            lookup.on_success(contact.node_id, (), now)
+            if len(query.providers) >= query.count:
+                lookup.finish()
+        self._drive(query, now)
+
+    def _verify(self, raw: bytes, now: float) -> PeerRecord | None:
+        try:
+            return PeerRecord.decode(raw, now=self._unix(now))
+        except DecodeError as exc:
+            self._drop("invalid_record_received", "record: %s", exc)
+            return None
+
+    def _lookup_finished(self, query: _Query, now: float) -> None:
+        lookup = query.lookup
+        assert lookup is not None
+        closest = tuple(lookup.closest())
+        self._events.append(LookupFinished(query.id, query.target, closest, lookup.timed_out,
+                                           lookup.rounds, lookup.requests_sent))
+        kind = query.kind
+        if kind == "find_record":
+            self._events.append(RecordFound(query.id, query.target, query.best))
+        elif kind == "find_providers":
+            records = sorted(query.providers.values(), key=lambda r: r.node_id)[: query.count]
+            self._events.append(ProvidersFound(query.id, query.capability, tuple(records)))
+        elif kind in ("announce_record", "announce_capability"):
+            self._replicate(query, closest, now)
+            return
+        self._queries.pop(query.id, None)
+
+    # --- announcing ----------------------------------------------------------------------------------
+
+    def _replicate(self, query: _Query, closest: tuple[Contact, ...], now: float) -> None:
+        """Second phase of an announcement: STORE (or ANNOUNCE) to the k closest found."""
+        record = query.record
+        assert record is not None
+        for contact in closest:
+            rid = self._request_id()
+            if query.kind == "announce_record":
+                message = Store(rid, self._id, record.encoded)
+            else:
+                message = Announce(rid, query.target, record.encoded)
+            if self._request(contact, message, (StoreResult,), now,
+                             partial(self._on_store_answer, query.id), self.rto(contact.node_id)):
+                query.pending += 1
+        if query.pending == 0:
+            self._announced(query)
+
+    def _on_store_answer(self, query_id: QueryId, parts: list | None, now: float) -> None:
+        query = self._queries.get(query_id)
+        if query is None:
+            return
+        query.pending -= 1
+        if parts is not None and parts[0].status is StoreStatus.STORED:
+            query.stored += 1
+        if query.pending == 0:
+            self._announced(query)
+
+    def _announced(self, query: _Query) -> None:
+        self._events.append(RecordAnnounced(query.id, query.stored))
+        self._queries.pop(query.id, None)
+
+    def _sign_record(self, now: float) -> PeerRecord:
+        unix = self._unix(now)
+        previous = self._own_record.seq if self._own_record is not None else -1
+        seq = max(previous + 1, int(unix * 1000))
+        record = PeerRecord.create(
+            self._identity,
+            addresses=[self._advertised] if self._advertised is not None else [],
+            capabilities=sorted(self._capabilities),
+            seq=seq,
+            expires_at=int(unix + self._config.record_ttl_s),
+        )
+        self._own_record = record
+        self._store.put(self._id, record, None, unix)
+        return record
+
+    def _own_seq(self) -> int:
+        return self._own_record.seq if self._own_record is not None else 0
+
+    # --- bootstrap -----------------------------------------------------------------------------------
+
+    def _on_bootstrap_answer(self, query_id: QueryId, parts: list | None, now: float) -> None:
+        query = self._queries.get(query_id)
+        if query is None:
+            return
+        query.pending -= 1
+        if parts is not None:
+            if isinstance(parts[0], Nodes):
+                query.learned.extend(c for part in parts for c in part.contacts)
+            if not query.answered:
+                query.answered = True
+                # Kademlia §2.3: join by looking up the own ID. Seeds: the table (the contacts
+                # that answered are in it now) and what the answer taught us.
+                self._start_lookup(query, now, query.learned)
+                return
+        if query.pending == 0 and not query.answered:
+            self._finish_bootstrap_failed(query)
+
+    def _finish_bootstrap_failed(self, query: _Query) -> None:
+        self._events.append(LookupFinished(query.id, self._id, (), True, 0, 0))
+        self._queries.pop(query.id, None)
+
+    # --- upkeep and helpers --------------------------------------------------------------------------
+
+    def _upkeep(self, now: float) -> None:
+        self._session.expire(now)
+        self._store.expire(self._unix(now))
+        self._next_upkeep = now + self._config.upkeep_interval_s
+
+    def _unix(self, now: float) -> float:
+        return now + self._unix_offset
+
+    def _drop(self, reason: str, fmt: str, *args: object, exc_info: bool = False) -> None:
+        self._drops[reason] += 1
+        if reason == "internal_error":
+            _log.error("dht engine: " + fmt + "; dropped", *args, exc_info=exc_info)
+        elif self._drops[reason] == 1:
+            _log.info("dht engine: first drop as %s: " + fmt, reason, *args)
+        else:
+            _log.debug("dht engine: dropped as %s: " + fmt, reason, *args)
+
+
+def capability_key_matches(record: PeerRecord, key: bytes) -> bool:
+    """Whether ``record`` lists a capability whose key is ``key``."""
+    return any(capability_key(name) == key for name in record.capabilities)
