@@ -2,23 +2,29 @@
 
 Peers are Ed25519 keys; contact information is a signed, self-certifying :class:`PeerRecord`; the
 Kademlia :class:`RoutingTable` finds the peers closest to any ID, its hot path in a C kernel with a
-pure-Python twin. ``KERNEL`` says which kernel is active (``"c"`` or ``"python"``) and
+pure-Python twin. :class:`DhtNode` is the asyncio DHT node over authenticated UDP; it runs the
+sans-IO :class:`DhtEngine`, which :class:`sovereign_discovery.testing.SimulatedNetwork` runs too. ``KERNEL`` says which kernel is active (``"c"`` or ``"python"``) and
 ``KERNEL_REASON`` why. Exceptions are listed in :mod:`sovereign_discovery.errors`.
 """
 
 from __future__ import annotations
 
 from .addresses import Address
+from .aio import DhtNode
 from .constants import DEFAULT_BUCKET_SIZE, MAX_DATAGRAM_BYTES, MAX_RECORD_BYTES
 from .errors import (
     ArgumentTypeError,
     ArgumentValueError,
     BadSignatureError,
+    BootstrapError,
+    ClosedError,
     DecodeError,
+    EndpointError,
     InsecureKeyFileError,
     KernelFallbackWarning,
     KernelUnavailableError,
     KeyFileError,
+    LookupTimeoutError,
     MalformedRecordError,
     RecordError,
     RecordExpiredError,
@@ -33,7 +39,18 @@ from .identity import (
     parse_public_key,
     verify_signature,
 )
+from .events import (
+    ContactAdded,
+    ContactRemoved,
+    Event,
+    ExternalAddressChanged,
+    LookupFinished,
+    ProvidersFound,
+    RecordAnnounced,
+    RecordFound,
+)
 from .keys import KERNEL, KERNEL_REASON, Distance, KeyspaceIndex, NodeId, bucket_index, distance
+from .node import DhtConfig, DhtEngine
 from .records import PeerRecord
 from .routing import (
     Contact,
@@ -78,6 +95,18 @@ __all__ = [
     "Rejected",
     "Removed",
     "KeyspaceIndex",
+    # the DHT
+    "DhtNode",
+    "DhtConfig",
+    "DhtEngine",
+    "Event",
+    "LookupFinished",
+    "RecordFound",
+    "ProvidersFound",
+    "RecordAnnounced",
+    "ContactAdded",
+    "ContactRemoved",
+    "ExternalAddressChanged",
     # limits
     "DEFAULT_BUCKET_SIZE",
     "MAX_DATAGRAM_BYTES",
@@ -95,6 +124,10 @@ __all__ = [
     "RecordFromFutureError",
     "KeyFileError",
     "InsecureKeyFileError",
+    "ClosedError",
+    "EndpointError",
+    "LookupTimeoutError",
+    "BootstrapError",
     "KernelUnavailableError",
     "KernelFallbackWarning",
 ]

@@ -21,7 +21,9 @@ Key files
 Running nodes
     :class:`ClosedError` (also a :class:`RuntimeError`) when a closed node or endpoint is used;
     :class:`EndpointError` (also an :class:`OSError`) when a UDP address cannot be bound (in use,
-    not local, …), naming the address and the reason.
+    not local, …), naming the address and the reason. :class:`LookupTimeoutError` (also a
+    :class:`TimeoutError`) when a lookup's deadline cut it short with no result; its ``closest``
+    holds the best partial result. :class:`BootstrapError` when no bootstrap contact answered.
 
 The C kernel
     :class:`KernelUnavailableError` (also an :class:`ImportError`) when the C extension is required
@@ -48,6 +50,8 @@ __all__ = [
     "KernelFallbackWarning",
     "ClosedError",
     "EndpointError",
+    "LookupTimeoutError",
+    "BootstrapError",
 ]
 
 
@@ -121,6 +125,19 @@ class ClosedError(SovereignDiscoveryError, RuntimeError):
 
 class EndpointError(SovereignDiscoveryError, OSError):
     """A UDP endpoint could not be opened; the message names the address and the reason."""
+
+
+class LookupTimeoutError(SovereignDiscoveryError, TimeoutError):
+    """A lookup reached its deadline with nothing to return. ``closest`` holds the peers closest
+    to the target that answered before it (nearest first): the best partial result."""
+
+    def __init__(self, message: str, *, closest: tuple = ()) -> None:
+        super().__init__(message)
+        self.closest = tuple(closest)
+
+
+class BootstrapError(SovereignDiscoveryError):
+    """No bootstrap contact answered (unreachable, or not holding the pinned key)."""
 
 
 # --- the C kernel ------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .addresses import Address
 from .keys import NodeId
 from .records import PeerRecord
 from .routing import Contact
@@ -25,6 +26,7 @@ __all__ = [
     "RecordAnnounced",
     "ContactAdded",
     "ContactRemoved",
+    "ExternalAddressChanged",
 ]
 
 #: Query IDs are small increasing integers, unique within one engine.
@@ -93,3 +95,12 @@ class ContactRemoved(Event):
     """``node_id`` left the routing table (it failed its liveness check)."""
 
     node_id: NodeId
+
+
+@dataclass(frozen=True, slots=True)
+class ExternalAddressChanged(Event):
+    """Most peers that recently reported the address they saw us at (in PONGs) agree on
+    ``address``, which differs from what the own record advertised: the record was re-signed
+    with it (and is republished)."""
+
+    address: Address

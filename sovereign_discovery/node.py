@@ -56,7 +56,7 @@ import os
 import random
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from functools import partial
 
 from .addresses import Address
@@ -218,7 +218,7 @@ class _Request:
 
 class _Query:
     __slots__ = ("id", "kind", "target", "lookup", "best", "providers", "count", "capability",
-                 "pending", "stored", "record", "answered", "learned")
+                 "pending", "stored", "record", "answered", "learned", "deadline_s")
 
     def __init__(self, query_id: QueryId, kind: str, target: NodeId) -> None:
         self.id = query_id
@@ -235,6 +235,7 @@ class _Query:
         self.record: PeerRecord | None = None  # announce: the record sent
         self.answered = False  # bootstrap: some contact answered
         self.learned: list[Contact] = []  # bootstrap: contacts from NODES answers
+        self.deadline_s: float | None = None  # bootstrap: the self-lookup's deadline
 
 
 class _TokenBucket:
@@ -260,6 +261,15 @@ def _check_now(value: object, name: str = "now") -> float:
     value = float(value)
     if not math.isfinite(value):
         raise ArgumentValueError(f"{name} must be finite, not {value}")
+    return value
+
+
+def _check_deadline(value: object) -> float | None:
+    if value is None:
+        return None
+    value = _check_now(value, "deadline_s")
+    if value <= 0:
+        raise ArgumentValueError(f"deadline_s must be positive, not {value}")
     return value
 
 
@@ -442,10 +452,12 @@ class DhtEngine:
 
     # --- commands ------------------------------------------------------------------------------------
 
-    def bootstrap(self, contacts: Iterable[Contact], now: float) -> QueryId:
+    def bootstrap(self, contacts: Iterable[Contact], now: float, *, deadline_s: float | None = None) -> QueryId:
         """PING and FIND_NODE(own ID) each contact (none enters the table before it answers);
-        once one answers, a self-lookup runs. Ends with :class:`LookupFinished`."""
+        once one answers, a self-lookup runs (its deadline ``deadline_s``, default
+        ``config.lookup_deadline_s``). Ends with :class:`LookupFinished`."""
         now = _check_now(now)
+        deadline_s = _check_deadline(deadline_s)
         if isinstance(contacts, (bytes, str)) or not isinstance(contacts, Iterable):
             raise ArgumentTypeError(f"contacts must be an iterable of Contact, not {type(contacts).__name__}")
         contacts = list(contacts)
@@ -453,6 +465,7 @@ class DhtEngine:
             if not isinstance(c, Contact):
                 raise ArgumentTypeError(f"contacts must hold Contact objects, not {type(c).__name__}")
         query = self._new_query("bootstrap", self._id)
+        query.deadline_s = deadline_s
         for contact in contacts:
             if contact.node_id == self._id:
                 continue
@@ -466,25 +479,29 @@ class DhtEngine:
             self._finish_bootstrap_failed(query)
         return query.id
 
-    def find_node(self, target: bytes, now: float) -> QueryId:
-        """Look up the k closest peers of ``target``. Ends with :class:`LookupFinished`."""
+    def find_node(self, target: bytes, now: float, *, deadline_s: float | None = None) -> QueryId:
+        """Look up the k closest peers of ``target``. Ends with :class:`LookupFinished`.
+        ``deadline_s`` overrides ``config.lookup_deadline_s`` for this lookup."""
         target = check_node_id("target", target)
         now = _check_now(now)
+        deadline_s = _check_deadline(deadline_s)
         query = self._new_query("find_node", target)
-        self._start_lookup(query, now)
+        self._start_lookup(query, now, deadline_s=deadline_s)
         return query.id
 
-    def find_record(self, node_id: bytes, now: float) -> QueryId:
+    def find_record(self, node_id: bytes, now: float, *, deadline_s: float | None = None) -> QueryId:
         """FIND_VALUE lookup of ``node_id``'s record: the highest valid ``seq`` seen. Ends with
         :class:`LookupFinished` then :class:`RecordFound`."""
         node_id = check_node_id("node_id", node_id)
         now = _check_now(now)
+        deadline_s = _check_deadline(deadline_s)
         query = self._new_query("find_record", node_id)
         query.best = self._store.get(node_id, self._unix(now))
-        self._start_lookup(query, now)
+        self._start_lookup(query, now, deadline_s=deadline_s)
         return query.id
 
-    def find_providers(self, capability: str, now: float, count: int = DEFAULT_BUCKET_SIZE) -> QueryId:
+    def find_providers(self, capability: str, now: float, count: int = DEFAULT_BUCKET_SIZE, *,
+                       deadline_s: float | None = None) -> QueryId:
         """GET_PROVIDERS lookup of ``capability``: stops once ``count`` verified providers are in
         hand. Ends with :class:`LookupFinished` then :class:`ProvidersFound`."""
         check_capability(capability)
@@ -493,13 +510,14 @@ class DhtEngine:
             raise ArgumentTypeError(f"count must be an int, not {type(count).__name__}")
         if count < 1:
             raise ArgumentValueError(f"count must be >= 1, not {count}")
+        deadline_s = _check_deadline(deadline_s)
         key = capability_key(capability)
         query = self._new_query("find_providers", key)
         query.capability = capability
         query.count = count
         for record in self._store.providers(key, self._unix(now), count):
             query.providers[record.node_id] = record
-        self._start_lookup(query, now)
+        self._start_lookup(query, now, deadline_s=deadline_s)
         return query.id
 
     def announce_record(self, now: float) -> QueryId:
@@ -728,7 +746,8 @@ class DhtEngine:
         self._queries[query.id] = query
         return query
 
-    def _start_lookup(self, query: _Query, now: float, extra_seeds: Iterable[Contact] = ()) -> None:
+    def _start_lookup(self, query: _Query, now: float, extra_seeds: Iterable[Contact] = (),
+                      deadline_s: float | None = None) -> None:
         running = sum(1 for q in self._queries.values() if q.lookup is not None and not q.lookup.finished)
         seeds = self._table.closest(query.target, self._config.bucket_size)
         known = {c.node_id for c in seeds}
@@ -736,7 +755,10 @@ class DhtEngine:
         if running >= self._config.max_lookups:
             self._drop("lookups_full", "lookup for %s not started", query.target)
             seeds = []
-        query.lookup = Lookup(self._id, query.target, seeds, params=self._lookup_params, now=now,
+        params = self._lookup_params
+        if deadline_s is not None:
+            params = replace(params, deadline_s=deadline_s)
+        query.lookup = Lookup(self._id, query.target, seeds, params=params, now=now,
                               request_timeout_s=self._lookup_timeout)
         self._drive(query, now)
 
@@ -894,7 +916,7 @@ class DhtEngine:
                 query.answered = True
                 # Kademlia §2.3: join by looking up the own ID. Seeds: the table (the contacts
                 # that answered are in it now) and what the answer taught us.
-                self._start_lookup(query, now, query.learned)
+                self._start_lookup(query, now, query.learned, deadline_s=query.deadline_s)
                 return
         if query.pending == 0 and not query.answered:
             self._finish_bootstrap_failed(query)

@@ -45,6 +45,7 @@ from .constants import (
     PUBLIC_KEY_BYTES,
 )
 from .errors import ArgumentTypeError, ArgumentValueError
+from .identity import encode_public_key, parse_public_key
 from .keys import NodeId
 
 __all__ = [
@@ -84,6 +85,22 @@ class Contact:
         object.__setattr__(self, "public_key", bytes(public_key))
         object.__setattr__(self, "address", address)
         object.__setattr__(self, "node_id", NodeId.from_public_key(public_key))
+
+    @classmethod
+    def parse(cls, text: str) -> "Contact":
+        """Read a pinned contact line ``<public key>@<host>:<port>`` (``[host]:port`` for IPv6):
+        the public key in the 52-character base32 of :func:`~sovereign_discovery.identity.encode_public_key`."""
+        if not isinstance(text, str):
+            raise ArgumentTypeError(f"contact must be a str, not {type(text).__name__}")
+        key, sep, address = text.strip().partition("@")
+        if not sep:
+            raise ArgumentValueError(f"contact must look like PUBLIC_KEY@HOST:PORT, got {text!r}")
+        return cls(parse_public_key(key), Address.parse(address))
+
+    @property
+    def pinned(self) -> str:
+        """The line :meth:`parse` reads: ``<public key>@<host>:<port>``."""
+        return f"{encode_public_key(self.public_key)}@{self.address}"
 
     def __repr__(self) -> str:
         return f"Contact({self.node_id.short()}… at {self.address})"
