@@ -9,7 +9,7 @@ port 0, unspecified (``0.0.0.0``, ``::``) and multicast addresses: a peer cannot
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Union
 
 from .errors import ArgumentTypeError, ArgumentValueError, DecodeError
@@ -43,6 +43,11 @@ class Address:
 
     ip: IPAddress
     port: int
+    # Cached: addresses key the session and rate tables and are encoded into every NODES answer,
+    # and ipaddress hashes through a hex string. The hash uses ints only, so it is the same in
+    # every process (an Address may be pickled across processes).
+    _hash: int = field(init=False, repr=False, compare=False)
+    _encoded: bytes | None = field(init=False, repr=False, compare=False)
 
     def __init__(self, ip: IPAddress | str, port: int) -> None:
         if isinstance(ip, str):
@@ -59,8 +64,10 @@ class Address:
         problem = _check_reachable(ip, port)
         if problem:
             raise ArgumentValueError(problem)
-        object.__setattr__(self, "ip", ip)
-        object.__setattr__(self, "port", port)
+        _init(self, ip, port)
+
+    def __hash__(self) -> int:
+        return self._hash
 
     @classmethod
     def parse(cls, text: str) -> "Address":
@@ -96,14 +103,25 @@ class Address:
         return f"[{self.ip}]:{self.port}" if self.ip.version == 6 else f"{self.ip}:{self.port}"
 
     def encode(self) -> bytes:
-        if isinstance(self.ip, ipaddress.IPv6Address) and self.ip.scope_id:
-            raise ArgumentValueError(f"address {self} has a zone; zoned addresses are local only")
-        kind = KIND_UDP4 if self.ip.version == 4 else KIND_UDP6
-        return bytes((kind,)) + self.ip.packed + self.port.to_bytes(2, "big")
+        encoded = self._encoded
+        if encoded is None:
+            if isinstance(self.ip, ipaddress.IPv6Address) and self.ip.scope_id:
+                raise ArgumentValueError(f"address {self} has a zone; zoned addresses are local only")
+            kind = KIND_UDP4 if self.ip.version == 4 else KIND_UDP6
+            encoded = bytes((kind,)) + self.ip.packed + self.port.to_bytes(2, "big")
+            object.__setattr__(self, "_encoded", encoded)
+        return encoded
 
     @property
     def encoded_size(self) -> int:
         return 1 + len(self.ip.packed) + 2
+
+
+def _init(address: Address, ip: IPAddress, port: int) -> None:
+    object.__setattr__(address, "ip", ip)
+    object.__setattr__(address, "port", port)
+    object.__setattr__(address, "_hash", hash((ip.version, int(ip), port)))
+    object.__setattr__(address, "_encoded", None)
 
 
 def _raw_problem(kind: int, raw: bytes, port: int) -> str | None:
@@ -146,6 +164,5 @@ def decode_address(data: bytes, offset: int) -> tuple[Address, int]:
     if problem:
         raise DecodeError(problem)
     address = object.__new__(Address)  # checked above: skip the constructor's second pass
-    object.__setattr__(address, "ip", ipaddress.IPv4Address(raw) if kind == KIND_UDP4 else ipaddress.IPv6Address(raw))
-    object.__setattr__(address, "port", port)
+    _init(address, ipaddress.IPv4Address(raw) if kind == KIND_UDP4 else ipaddress.IPv6Address(raw), port)
     return address, end

@@ -36,16 +36,15 @@ Network input never raises: whatever :meth:`DhtEngine.receive_datagram` is given
 counted under its reason in :meth:`DhtEngine.stats` (``drops``) and logged (the first of each
 reason at INFO, later ones at DEBUG); a bug is counted as ``internal_error`` with a traceback.
 
-TODO (not in this step; docs/engine.md "Upkeep"):
+Upkeep (docs/engine.md, "Upkeep"), run from :meth:`DhtEngine.handle_timer`: expiry of sessions
+and stored records; bucket refresh (Kademlia §2.3: a lookup of a random ID in every bucket idle for
+``refresh_interval_s``, and in every bucket farther than the nearest neighbour right after the
+join's self-lookup); republishing the own record and announcements at half their TTL (§2.5);
+re-replicating stored records hourly (§2.5); eviction of table contacts that fail
+``evict_after_failures`` requests in a row; the external address from PONG votes (discv5).
 
-- bucket refresh timers (a lookup for ``random_id_in_bucket(i)`` every ``refresh_interval_s``);
-- republishing the own record at half its TTL (and after capability changes: today
-  ``announce_capability`` signs a new record and ANNOUNCEs it, but does not STORE it under the own
-  ID; call ``announce_record`` for that);
-- hourly re-replication of stored records (``record_store.due_for_replication``);
-- external-address votes from PONGs (``ExternalAddressChanged``);
-- disjoint-path lookups; sending the newest record to holders of stale copies after FIND_VALUE;
-- removing table entries that time out in lookups (today only failed liveness checks remove).
+Not yet: disjoint-path lookups (S/Kademlia), and sending the newest record to holders of stale
+copies after FIND_VALUE.
 """
 
 from __future__ import annotations
@@ -66,6 +65,7 @@ from .events import (
     ContactAdded,
     ContactRemoved,
     Event,
+    ExternalAddressChanged,
     LookupFinished,
     ProvidersFound,
     QueryId,
@@ -79,7 +79,7 @@ from .record_store import RecordStore
 from .records import PeerRecord, check_capability
 from .routing import Contact, Inserted, Pending, RoutingTable
 from .session import DROP_REASONS as SESSION_DROP_REASONS
-from .session import SessionLayer
+from .session import SessionLayer, SessionLimits
 from .wire import (
     Announce,
     FindNode,
@@ -127,7 +127,8 @@ DROP_REASONS = (
     "duplicate_response",  # from the peer asked, for a request already answered (e.g. retried)
     "late_response",  # from the peer asked, for a request already given up
     "rate_limited",  # a request over its source IP's or the global token bucket
-    "invalid_record_received",  # a VALUE or PROVIDERS record that does not verify or fit the key
+    "invalid_record_received",  # a STORE, ANNOUNCE, VALUE or PROVIDERS record that does not verify
+    # (or, in an answer, does not fit the key asked for)
     "outstanding_full",  # a request not sent: max_outstanding_requests reached
     "lookups_full",  # a lookup not started: max_lookups reached
     "internal_error",  # a bug: the input raised inside the engine (logged with a traceback)
@@ -173,10 +174,27 @@ class DhtConfig:
     max_rate_limited_ips: int = 10_000
     #: How often the session layer, the store and the rate buckets are expired.
     upkeep_interval_s: float = 1.0
+    #: A bucket with no lookup through it for this long is refreshed with a lookup of a random ID
+    #: in it (Kademlia §2.3 uses an hour; go-libp2p 10 minutes).
+    refresh_interval_s: float = 600.0
+    #: Stored records not re-published for this long are sent to the k closest again (Kademlia
+    #: §2.5: hourly), at most ``max_replications_per_upkeep`` per upkeep.
+    replication_interval_s: float = 3600.0
+    max_replications_per_upkeep: int = 4
+    #: A table contact that failed this many requests in a row (each already retried once) is
+    #: removed, and the newest replacement promoted (geth removes after 4 failed FINDNODEs).
+    evict_after_failures: int = 2
+    #: External address (discv5's IP vote): PONGs report the address a peer saw; voters are counted
+    #: once per /24 (/48 for IPv6), votes last ``address_vote_ttl_s``, and an address wins when at
+    #: least ``min_address_votes`` voters, and more than half of those voting, report it.
+    min_address_votes: int = 3
+    address_vote_ttl_s: float = 600.0
+    max_address_voters: int = 64
 
     def __post_init__(self) -> None:
         ints = {"bucket_size", "parallelism", "max_outstanding_requests", "max_lookups",
-                "max_rtt_entries", "max_rate_limited_ips"}
+                "max_rtt_entries", "max_rate_limited_ips", "max_replications_per_upkeep",
+                "evict_after_failures", "min_address_votes", "max_address_voters"}
         for f in fields(self):
             name, value = f.name, getattr(self, f.name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -289,6 +307,8 @@ class DhtEngine:
         now: float,
         unix_offset: float,
         advertised_address: Address | None = None,
+        learn_address: bool = True,
+        session_limits: SessionLimits | None = None,
     ) -> None:
         if not isinstance(identity, Identity):
             raise ArgumentTypeError(f"identity must be an Identity, not {type(identity).__name__}")
@@ -308,7 +328,12 @@ class DhtEngine:
         self._config = config
         self._rng = rng if rng is not None else random.Random(random_bytes(32))
         self._advertised = advertised_address
-        self._session = SessionLayer(identity, random_bytes=random_bytes)
+        self._learn_address = bool(learn_address)
+        if session_limits is not None and not isinstance(session_limits, SessionLimits):
+            raise ArgumentTypeError(
+                f"session_limits must be a SessionLimits, not {type(session_limits).__name__}")
+        self._session = SessionLayer(identity, random_bytes=random_bytes,
+                                     limits=session_limits or SessionLimits())
         self._table = RoutingTable(self._id, bucket_size=config.bucket_size, now=now)
         self._store = RecordStore()
         self._lookup_params = LookupParams(bucket_size=config.bucket_size,
@@ -317,8 +342,8 @@ class DhtEngine:
         self._out: list[tuple[Address, bytes]] = []
         self._events: list[Event] = []
         self._requests: dict[bytes, _Request] = {}
-        #: request ID -> (peer ID, drop reason) of requests recently finished (bounded)
-        self._done: OrderedDict[bytes, tuple[bytes, str]] = OrderedDict()
+        #: request ID -> ((peer ID, address), drop reason) of requests recently finished (bounded)
+        self._done: OrderedDict[bytes, tuple[tuple[bytes, Address], str]] = OrderedDict()
         self._queries: dict[QueryId, _Query] = {}
         self._next_query = 1
         self._rtt: OrderedDict[bytes, list[float]] = OrderedDict()  # node ID -> [srtt, rttvar]
@@ -327,6 +352,12 @@ class DhtEngine:
         self._next_upkeep = now + config.upkeep_interval_s
         self._own_record: PeerRecord | None = None
         self._capabilities: set[str] = set()
+        self._published = False  # announce_record was called: keep the record published
+        self._republish_at = math.inf
+        self._failures: OrderedDict[bytes, int] = OrderedDict()  # table contact -> failed requests in a row
+        #: voter's IP group -> (address reported, when), oldest first
+        self._votes: OrderedDict[tuple[int, int], tuple[Address, float]] = OrderedDict()
+        self._stats_evicted = 0
         self._drops: dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
         self._stats_retries = 0
         names = [t.name.lower() for t in MessageType]
@@ -355,6 +386,11 @@ class DhtEngine:
     @property
     def own_record(self) -> PeerRecord | None:
         return self._own_record
+
+    @property
+    def advertised_address(self) -> Address | None:
+        """The address the own record advertises (learned from PONGs unless fixed)."""
+        return self._advertised
 
     @property
     def capabilities(self) -> frozenset[str]:
@@ -386,6 +422,8 @@ class DhtEngine:
             "sessions": session["sessions"],
             "outstanding_requests": len(self._requests),
             "requests_retried": self._stats_retries,
+            "contacts_evicted": self._stats_evicted,
+            "address_voters": len(self._votes),
             "lookups_running": sum(1 for q in self._queries.values()
                                    if q.lookup is not None and not q.lookup.finished),
             "queries_running": len(self._queries),
@@ -414,6 +452,8 @@ class DhtEngine:
         for request in expired:
             if self._requests.pop(request.request_id, None) is not None:
                 self._remember_done(request, "duplicate_response" if request.parts else "late_response")
+                if not request.parts:
+                    self._note_failure(request.peer, now)
                 request.on_done(request.parts or None, now)
         for request in [r for r in self._requests.values() if r.retry_at <= now]:
             request.retry_at = math.inf
@@ -525,11 +565,8 @@ class DhtEngine:
         own ID and STORE it at the k closest. Ends with :class:`LookupFinished` then
         :class:`RecordAnnounced`."""
         now = _check_now(now)
-        record = self._sign_record(now)
-        query = self._new_query("announce_record", self._id)
-        query.record = record
-        self._start_lookup(query, now)
-        return query.id
+        self._published = True
+        return self._announce("announce_record", self._id, self._sign_record(now), now)
 
     def announce_capability(self, name: str, now: float) -> QueryId:
         """Add ``name`` to the own record's capabilities (re-signed), and ANNOUNCE it at the k
@@ -538,14 +575,46 @@ class DhtEngine:
         check_capability(name)
         now = _check_now(now)
         self._capabilities.add(name)
-        record = self._sign_record(now)
-        key = capability_key(name)
-        self._store.add_provider(key, record, None, self._unix(now))
-        query = self._new_query("announce_capability", key)
+        return self._announce_capability(name, self._sign_record(now), now)
+
+    def refresh(self, now: float, *, force: bool = False) -> list[QueryId]:
+        """Kademlia §2.3 bucket refresh: a lookup of a random ID in each bucket no lookup went
+        through for ``config.refresh_interval_s`` (each bucket, with ``force``). Upkeep calls it;
+        call it yourself to refresh at once. Each lookup ends with :class:`LookupFinished`."""
+        now = _check_now(now)
+        table = self._table
+        if len(table) == 0:
+            return []
+        due = range(table.bucket_count) if force else table.buckets_due_for_refresh(
+            now, self._config.refresh_interval_s)
+        started = []
+        for index in due:
+            query = self._new_query("refresh", table.random_id_in_bucket(index, self._rng))
+            self._start_lookup(query, now)
+            started.append(query.id)
+        return started
+
+    def _announce(self, kind: str, key: bytes, record: PeerRecord, now: float, capability: str = "") -> QueryId:
+        """Look up ``key``, then STORE (records) or ANNOUNCE (providers) ``record`` at the k closest."""
+        query = self._new_query(kind, key)
         query.record = record
-        query.capability = name
+        query.capability = capability
         self._start_lookup(query, now)
         return query.id
+
+    def _announce_capability(self, name: str, record: PeerRecord, now: float) -> QueryId:
+        key = capability_key(name)
+        self._store.add_provider(key, record, None, self._unix(now))
+        return self._announce("announce_capability", key, record, now, name)
+
+    def _republish(self, now: float) -> None:
+        """Owners republish before expiry (Kademlia §2.5), and when the record changes: a new
+        signed record STOREd at the k closest of the own ID and ANNOUNCEd for each capability."""
+        record = self._sign_record(now)
+        if self._published:
+            self._announce("announce_record", self._id, record, now)
+        for name in sorted(self._capabilities):
+            self._announce_capability(name, record, now)
 
     # --- receiving -----------------------------------------------------------------------------------
 
@@ -560,11 +629,11 @@ class DhtEngine:
         if is_request and not self._admit(peer.address, now):
             self._drop("rate_limited", "request from %s", peer.address)
             return
-        self._enter_table(peer, now)
         if is_request:
+            self._enter_table(peer, now)
             self._serve(peer, message, now)
         else:
-            self._on_response(peer, message, now)
+            self._on_response(peer, message, now)  # enters the table only if it is accepted
 
     def _admit(self, source: Address, now: float) -> bool:
         """Token buckets: the source IP's, then the global one (docs/engine.md, Serving)."""
@@ -597,17 +666,63 @@ class DhtEngine:
         if parts is not None:
             self._table.touch(check.node_id, now)
             return
-        removed = self._table.remove(check.node_id, now)
-        if removed is not None and removed.contact.node_id == check.node_id:
-            self._events.append(ContactRemoved(check.node_id))
+        self._remove_contact(check.node_id, now)
+
+    def _remove_contact(self, node_id: bytes, now: float) -> None:
+        self._failures.pop(node_id, None)
+        removed = self._table.remove(node_id, now)
+        if removed is not None and removed.contact.node_id == node_id:
+            self._events.append(ContactRemoved(removed.contact.node_id))
             if removed.promoted is not None:
                 self._events.append(ContactAdded(removed.promoted))
+
+    def _note_failure(self, peer: Contact, now: float) -> None:
+        """A request to ``peer`` went unanswered (after its retry). A table contact that fails
+        ``evict_after_failures`` requests in a row leaves the table (its replacement moves in)."""
+        held = self._table.get(peer.node_id)
+        if held is None or held.address != peer.address:
+            return
+        failures = self._failures
+        count = failures.pop(peer.node_id, 0) + 1
+        if count >= self._config.evict_after_failures:
+            self._stats_evicted += 1
+            self._remove_contact(peer.node_id, now)
+            return
+        while len(failures) >= self._config.max_rtt_entries:
+            failures.popitem(last=False)
+        failures[peer.node_id] = count
+
+    def _vote(self, voter: Contact, observed: Address, now: float) -> None:
+        """discv5's IP vote: a PONG reports the address the peer saw us at. One vote per voter
+        /24 (/48), kept ``address_vote_ttl_s``; an address reported by at least
+        ``min_address_votes`` voters and by a majority of them becomes the advertised one."""
+        if not self._learn_address:
+            return
+        config = self._config
+        votes = self._votes
+        group = voter.address.ip_group()
+        votes.pop(group, None)
+        votes[group] = (observed, now)
+        while len(votes) > config.max_address_voters:
+            votes.popitem(last=False)
+        cutoff = now - config.address_vote_ttl_s
+        while votes and next(iter(votes.values()))[1] < cutoff:
+            votes.popitem(last=False)
+        tally: dict[Address, int] = {}
+        for address, _ in votes.values():
+            tally[address] = tally.get(address, 0) + 1
+        address, count = max(tally.items(), key=lambda item: item[1])
+        if count >= config.min_address_votes and 2 * count > len(votes) and address != self._advertised:
+            self._advertised = address
+            self._events.append(ExternalAddressChanged(address))
+            if self._own_record is not None:
+                self._republish(now)
 
     def _on_response(self, peer: Contact, message, now: float) -> None:
         request = self._requests.get(message.request_id)
         if request is None:
             done = self._done.get(message.request_id)
-            if done is not None and done[0] == peer.node_id:
+            if done is not None and done[0] == (peer.node_id, peer.address):
                 self._drop(done[1], "%s from %s", message.TYPE.name, peer)
                 return
         if (request is None or request.peer.node_id != peer.node_id
@@ -616,7 +731,12 @@ class DhtEngine:
                 or (request.kind is not None and type(message) is not request.kind)):
             self._drop("unsolicited_response", "%s from %s", message.TYPE.name, peer)
             return
+        self._enter_table(peer, now)
         if request.kind is None:
+            if self._failures:
+                self._failures.pop(peer.node_id, None)
+            if type(message) is Pong:
+                self._vote(peer, message.observed, now)
             request.kind = type(message)
             if request.retry_at != math.inf:  # Karn: no sample from a retried request
                 self._sample_rtt(peer.node_id, now - request.sent_at)
@@ -640,7 +760,7 @@ class DhtEngine:
         elif isinstance(message, FindNode):
             self._send_nodes(peer, rid, message.target, now)
         elif isinstance(message, Store):
-            status = self._accept(message.record, now, lambda record, unix: self._store.put(
+            status = self._accept(peer, message.record, now, lambda record, unix: self._store.put(
                 message.key, record, peer.node_id, unix))
             self._send(peer, StoreResult(rid, status), now)
         elif isinstance(message, FindValue):
@@ -650,7 +770,7 @@ class DhtEngine:
             else:
                 self._send_nodes(peer, rid, message.key, now)
         elif isinstance(message, Announce):
-            status = self._accept(message.record, now, lambda record, unix: self._store.add_provider(
+            status = self._accept(peer, message.record, now, lambda record, unix: self._store.add_provider(
                 message.capability_key, record, peer.node_id, unix))
             self._send(peer, StoreResult(rid, status), now)
         elif isinstance(message, GetProviders):
@@ -667,11 +787,13 @@ class DhtEngine:
                     self._send(peer, piece, now)
                 return
 
-    def _accept(self, raw: bytes, now: float, put: Callable[[PeerRecord, float], StoreStatus]) -> StoreStatus:
+    def _accept(self, peer: Contact, raw: bytes, now: float,
+                put: Callable[[PeerRecord, float], StoreStatus]) -> StoreStatus:
         unix = self._unix(now)
         try:
             record = PeerRecord.decode(raw, now=unix)
-        except DecodeError:
+        except DecodeError as exc:
+            self._drop("invalid_record_received", "STORE/ANNOUNCE record from %s: %s", peer, exc)
             return StoreStatus.INVALID_RECORD
         return put(record, unix)
 
@@ -702,7 +824,7 @@ class DhtEngine:
         done = self._done
         while len(done) >= self._config.max_outstanding_requests:
             done.popitem(last=False)
-        done[request.request_id] = (request.peer.node_id, reason)
+        done[request.request_id] = ((request.peer.node_id, request.peer.address), reason)
 
     def _request_id(self) -> bytes:
         while True:
@@ -755,6 +877,8 @@ class DhtEngine:
         if running >= self._config.max_lookups:
             self._drop("lookups_full", "lookup for %s not started", query.target)
             seeds = []
+        if query.target != self._id:
+            self._table.mark_bucket_active(self._table.bucket_index(query.target), now)
         params = self._lookup_params
         if deadline_s is not None:
             params = replace(params, deadline_s=deadline_s)
@@ -847,10 +971,16 @@ class DhtEngine:
         elif kind == "find_providers":
             records = sorted(query.providers.values(), key=lambda r: r.node_id)[: query.count]
             self._events.append(ProvidersFound(query.id, query.capability, tuple(records)))
-        elif kind in ("announce_record", "announce_capability"):
+        elif kind in ("announce_record", "announce_capability", "replicate_record", "replicate_provider"):
             self._replicate(query, closest, now)
             return
         self._queries.pop(query.id, None)
+        if kind == "bootstrap" and closest:
+            # Kademlia §2.3: after the self-lookup, refresh every bucket farther than the closest
+            # neighbour (the last bucket holds the neighbours the self-lookup found).
+            for index in range(self._table.bucket_count - 1):
+                refresh = self._new_query("refresh", self._table.random_id_in_bucket(index, self._rng))
+                self._start_lookup(refresh, now)
 
     # --- announcing ----------------------------------------------------------------------------------
 
@@ -860,8 +990,8 @@ class DhtEngine:
         assert record is not None
         for contact in closest:
             rid = self._request_id()
-            if query.kind == "announce_record":
-                message = Store(rid, self._id, record.encoded)
+            if query.kind in ("announce_record", "replicate_record"):
+                message = Store(rid, query.target, record.encoded)
             else:
                 message = Announce(rid, query.target, record.encoded)
             if self._request(contact, message, (StoreResult,), now,
@@ -897,6 +1027,7 @@ class DhtEngine:
         )
         self._own_record = record
         self._store.put(self._id, record, None, unix)
+        self._republish_at = now + self._config.record_ttl_s / 2
         return record
 
     def _own_seq(self) -> int:
@@ -928,9 +1059,26 @@ class DhtEngine:
     # --- upkeep and helpers --------------------------------------------------------------------------
 
     def _upkeep(self, now: float) -> None:
+        config = self._config
+        unix = self._unix(now)
         self._session.expire(now)
-        self._store.expire(self._unix(now))
-        self._next_upkeep = now + self._config.upkeep_interval_s
+        self._store.expire(unix)
+        self._next_upkeep = now + config.upkeep_interval_s
+        if now >= self._republish_at and (self._published or self._capabilities):
+            self._republish(now)
+        self.refresh(now)
+        # Kademlia §2.5: re-publish stored entries hourly to the k closest of their key (the own
+        # record and own announcements have their own clock, above).
+        budget = config.max_replications_per_upkeep
+        for key, record in self._store.due_for_replication(unix, config.replication_interval_s, budget):
+            self._store.mark_replicated(key, unix)
+            if key != self._id:
+                self._announce("replicate_record", key, record, now)
+        budget = config.max_replications_per_upkeep
+        for key, record in self._store.providers_due_for_replication(unix, config.replication_interval_s, budget):
+            self._store.mark_provider_replicated(key, record.node_id, unix)
+            if record.node_id != self._id:
+                self._announce("replicate_provider", key, record, now)
 
     def _unix(self, now: float) -> float:
         return now + self._unix_offset

@@ -20,8 +20,12 @@ Two decisions beyond ``docs/protocol.md``:
 - The HANDSHAKE answering a WHOAREYOU is not limited by the anti-amplification rule: the WHOAREYOU
   echoes the random nonce of a packet we sent to that address, which proves the address receives
   (the address-validation token of RFC 9000 §8.1).
-- A WHOAREYOU answering the *last* session MESSAGE we sent to an address (the peer lost its
-  session, e.g. restarted) is accepted too: we re-handshake carrying that message again.
+- A WHOAREYOU answering one of the last 16 session MESSAGEs we sent to an address (the peer lost
+  its session, e.g. restarted) is accepted too: we re-handshake carrying the last message again.
+- One live challenge per (node ID, address), as sigp/discv5's handler does: while it lives, a
+  session MESSAGE we cannot decrypt is dropped (``awaiting_handshake``) instead of replacing it,
+  since the HANDSHAKE answering it may be overtaken on the way by the MESSAGEs sent right after
+  it; a new random packet gets the live challenge again.
 """
 
 from __future__ import annotations
@@ -263,7 +267,7 @@ def _handshake_signed(challenge_data: bytes, ephemeral: bytes, id_b: bytes) -> b
 
 class _Session:
     __slots__ = ("peer", "send_key", "recv_key", "send_counter", "recv_max", "recv_seen",
-                 "created", "last_used", "touched", "last_nonce", "last_message")
+                 "created", "last_used", "touched", "last_message")
 
     def __init__(self, peer: Contact, send_key: bytes, recv_key: bytes, now: float) -> None:
         self.peer = peer
@@ -275,8 +279,7 @@ class _Session:
         self.created = now
         self.last_used = now
         self.touched = False  # used since it last came to the front of the LRU order (CLOCK)
-        self.last_nonce = b""  # of the last MESSAGE sent, to recognise a WHOAREYOU answering it
-        self.last_message = b""
+        self.last_message = b""  # carried again by a re-handshake
 
 
 class _Challenge:
@@ -299,6 +302,10 @@ class _Pending:
 
 
 _MAX_RANDOM_NONCES = 4  # random packets remembered per pending peer
+#: A WHOAREYOU answering one of the last this-many MESSAGEs sent in a session means the peer lost
+#: it (restarted): re-handshake, carrying the last message again (earlier ones are the sender's
+#: to retry).
+_REHANDSHAKE_WINDOW = 16
 
 
 # --- the layer ---------------------------------------------------------------------------------
@@ -564,12 +571,16 @@ class SessionLayer:
                 self._stats["pending_dropped"] += len(pending.messages)
                 return self._drop("unsolicited_whoareyou", source)
             return self._initiate(pending.peer, datagram, pending.messages, now)
-        # The peer lost our session (restarted): it answers the last MESSAGE we sent there.
-        for node_id in self._session_ids_at.get(source, ()):
-            session = self._sessions[(node_id, source)]
-            if session.last_nonce == nonce:
-                self._remove_session((node_id, source))
-                return self._initiate(session.peer, datagram, [session.last_message], now)
+        # The peer lost our session (restarted): it answers one of the last MESSAGEs we sent
+        # there (it challenges the first it cannot read and keeps that challenge while the rest
+        # arrive, so the answer may be to an earlier one than the last).
+        if nonce[:4] == _COUNTER_PREFIX:
+            counter = _COUNTER_NONCE.unpack(nonce)[0]
+            for node_id in self._session_ids_at.get(source, ()):
+                session = self._sessions[(node_id, source)]
+                if 0 <= session.send_counter - counter < _REHANDSHAKE_WINDOW and counter > 0:
+                    self._remove_session((node_id, source))
+                    return self._initiate(session.peer, datagram, [session.last_message], now)
         return self._drop("unsolicited_whoareyou", source)
 
     def _initiate(self, peer: Contact, challenge_data: bytes, messages: list[bytes], now: float) -> Received:
@@ -594,7 +605,7 @@ class SessionLayer:
         first = messages[0] if messages else b""
         packet = header + _aead_encrypt(first, header, nonce, initiator_key)
         session = _Session(peer, initiator_key, recipient_key, now)
-        session.last_message = first  # not a counter nonce: a WHOAREYOU cannot answer it
+        session.last_message = first  # carried again if the peer answers a later MESSAGE with WHOAREYOU
         self._install((id_b, peer.address), session)
         self._stats["handshakes_initiated"] += 1
         outgoing = [self._out(peer.address, packet)]
@@ -639,7 +650,6 @@ class SessionLayer:
         nonce = _COUNTER_NONCE.pack(session.send_counter)
         header = _HEADER.pack(MAGIC, VERSION, KIND_MESSAGE, nonce, _AUTH_MESSAGE) + self._id
         packet = header + _aead_encrypt(message, header, nonce, session.send_key)
-        session.last_nonce = nonce
         session.last_message = message
         address = session.peer.address
         stats = self._stats

@@ -405,6 +405,24 @@ def test_restarted_recipient_gets_the_message_through_a_new_handshake(pair):
     assert [d.message for d in deliver(b2, hs, A_ADDR, 10)[0]] == [b"still there?"]
 
 
+def test_restarted_recipient_of_several_messages_rehandshakes():
+    """B restarts; A sends two messages at once. B challenges the first and drops the second
+    (awaiting_handshake); A accepts the challenge to the earlier message and re-handshakes."""
+    a_id, b_id = ident(1), ident(2)
+    a, b = layer(a_id, 1), layer(b_id, 2)
+    handshake(a, A_ADDR, b, b_id, B_ADDR)
+    b2 = layer(b_id, 97)
+    peer = Contact(b_id.public_key, B_ADDR)
+    first, second = a.send(peer, b"m1", 1) + a.send(peer, b"m2", 1)
+    _, challenge = deliver(b2, [first], A_ADDR, 1)
+    assert b2.receive(second.datagram, A_ADDR, 1) == ((), ())
+    assert b2.stats["awaiting_handshake"] == 1
+    _, hs = deliver(a, challenge, B_ADDR, 1)
+    assert a.stats["unsolicited_whoareyou"] == 0 and len(hs) == 1
+    assert [d.message for d in deliver(b2, hs, A_ADDR, 1)[0]] == [b"m2"]  # the last one, again
+    assert [d.message for d in deliver(b2, a.send(peer, b"m1", 1.1), A_ADDR, 1.1)[0]] == [b"m1"]
+
+
 def test_lost_whoareyou_is_retried():
     a_id, b_id = ident(1), ident(2)
     a, b = layer(a_id, 1), layer(b_id, 2)

@@ -1,0 +1,236 @@
+"""Routing-table and record upkeep of the DHT engine (node.py, "Upkeep"): bucket refresh, refresh
+after the join, republishing the own record at half its TTL, hourly re-replication of stored
+records, eviction of contacts that keep failing, and the external address from PONG votes."""
+
+from __future__ import annotations
+
+import random
+
+from sovereign_discovery.addresses import Address
+from sovereign_discovery.events import ContactRemoved, ExternalAddressChanged, LookupFinished
+from sovereign_discovery.identity import Identity
+from sovereign_discovery.node import DhtConfig, DhtEngine
+from sovereign_discovery.records import PeerRecord
+from sovereign_discovery.wire import FindNode, Nodes, Ping, Pong, capability_key
+
+from .test_node import EPOCH, A, B, C, Client, Hand, make_engine, of_type, trio
+
+
+class Silent:
+    """A crashed host: takes datagrams and never answers."""
+
+    def __init__(self) -> None:
+        self.received = 0
+
+    def receive_datagram(self, data: bytes, source: Address, now: float) -> None:
+        self.received += 1
+
+    def datagrams_to_send(self) -> list:
+        return []
+
+
+def run_timers(hand: Hand, engines, start: float, end: float, max_steps: int = 10_000) -> float:
+    """Advance every engine's timer from ``start`` to ``end`` (deadline by deadline), moving
+    datagrams at each step. Returns the time reached."""
+    now = start
+    for _ in range(max_steps):
+        due = min(e.next_deadline() for e in engines)
+        if due > end:
+            break
+        now = max(now, due)
+        for engine in engines:
+            if engine.next_deadline() <= now:
+                engine.handle_timer(now)
+        hand.pump(now)
+    else:
+        raise AssertionError("timers still due after max_steps")
+    return now
+
+
+def trio_with(config: DhtConfig):
+    """Engines at A, B, C with ``config``; B and C bootstrapped from A."""
+    hand = Hand()
+    a = hand.add(make_engine(1, A, config=config), A)
+    b = hand.add(make_engine(2, B, config=config), B)
+    c = hand.add(make_engine(3, C, config=config), C)
+    b.bootstrap([a.contact(A)], 0.0)
+    hand.pump(0.0)
+    c.bootstrap([a.contact(A)], 0.0)
+    hand.pump(0.0)
+    for engine in (a, b, c):
+        engine.events()
+    return hand, a, b, c
+
+
+def test_idle_buckets_are_refreshed_with_a_lookup_inside_each():
+    config = DhtConfig(refresh_interval_s=100.0)
+    hand = Hand()
+    a = hand.add(make_engine(1, A, config=config), A)
+    b = hand.add(make_engine(2, B, config=config), B)
+    c = hand.add(make_engine(3, C, config=config), C)
+    b.bootstrap([a.contact(A)], 0.0)
+    c.bootstrap([a.contact(A)], 0.0)
+    hand.pump(0.0)
+    a.events()
+    assert a.refresh(50.0) == []  # nothing idle for 100 s yet
+    queries = a.refresh(150.0)
+    assert len(queries) == a.table.bucket_count >= 1
+    hand.pump(150.0)
+    finished = [e for e in of_type(a.events(), LookupFinished) if e.query in queries]
+    assert len(finished) == len(queries)
+    buckets = sorted(a.table.bucket_index(e.target) for e in finished)
+    assert buckets == list(range(a.table.bucket_count))  # one random target inside each bucket
+    assert a.refresh(151.0) == []  # every bucket just had a lookup
+    assert len(a.refresh(151.0, force=True)) == a.table.bucket_count
+
+
+def test_upkeep_refreshes_on_its_own_clock():
+    config = DhtConfig(refresh_interval_s=30.0)
+    hand, a, b, c = trio_with(config)
+    run_timers(hand, [a], 0.0, 29.0)
+    assert not of_type(a.events(), LookupFinished)
+    run_timers(hand, [a], 29.0, 32.0)
+    refreshed = of_type(a.events(), LookupFinished)
+    assert len(refreshed) == a.table.bucket_count
+
+
+def test_join_refreshes_every_bucket_farther_than_the_nearest_neighbour():
+    hand = Hand()
+    engines = [hand.add(make_engine(i, Address(f"192.0.2.{i}", 4000)), Address(f"192.0.2.{i}", 4000))
+               for i in range(1, 30)]
+    seed = engines[0].contact(Address("192.0.2.1", 4000))
+    for engine in engines[1:-1]:
+        engine.bootstrap([seed], 0.0)
+        hand.pump(0.0)
+    newcomer = engines[-1]
+    query = newcomer.bootstrap([seed], 0.0)
+    hand.pump(0.0)
+    finished = of_type(newcomer.events(), LookupFinished)
+    assert finished[0].query == query and finished[0].closest
+    refreshes = finished[1:]
+    assert len(refreshes) == newcomer.table.bucket_count - 1 >= 1
+    assert sorted(newcomer.table.bucket_index(e.target) for e in refreshes) == \
+        list(range(newcomer.table.bucket_count - 1))
+    assert len(newcomer.table) == len(engines) - 1  # a small network: everyone is known
+
+
+def test_owner_republishes_its_record_at_half_its_ttl():
+    config = DhtConfig(record_ttl_s=100.0)
+    hand, a, b, c = trio_with(config)
+    b.announce_record(0.0)
+    hand.pump(0.0)
+    first = b.own_record
+    assert a.store.get(b.node_id, EPOCH) == first
+    run_timers(hand, [b], 0.0, 49.0)
+    assert b.own_record == first
+    run_timers(hand, [b], 49.0, 51.0)
+    second = b.own_record
+    assert second.seq > first.seq and second.expires_at > first.expires_at
+    assert a.store.get(b.node_id, EPOCH + 51) == second
+    assert c.store.get(b.node_id, EPOCH + 51) == second
+
+
+def test_capabilities_are_republished_too():
+    config = DhtConfig(record_ttl_s=100.0)
+    hand, a, b, c = trio_with(config)
+    b.announce_capability("relay", 0.0)
+    hand.pump(0.0)
+    key = capability_key("relay")
+    [held] = a.store.providers(key, EPOCH, 20)
+    run_timers(hand, [b], 0.0, 51.0)
+    [again] = a.store.providers(key, EPOCH + 51, 20)
+    assert again.seq > held.seq and again.capabilities == ("relay",)
+
+
+def test_stored_records_are_re_replicated_to_the_closest():
+    config = DhtConfig(replication_interval_s=60.0)
+    hand, a, b, c = trio_with(config)
+    owner = Client(70).identity
+    record = PeerRecord.create(owner, addresses=[Address("192.0.2.70", 4000)], capabilities=[],
+                               seq=5, expires_at=int(EPOCH) + 3600)
+    a.store.put(owner.node_id, record, b"someone", EPOCH)  # as if a STORE had arrived
+    assert b.store.get(owner.node_id, EPOCH) is None
+    run_timers(hand, [a], 0.0, 59.0)
+    assert b.store.get(owner.node_id, EPOCH + 59) is None
+    run_timers(hand, [a], 59.0, 62.0)
+    assert b.store.get(owner.node_id, EPOCH + 62) == record
+    assert c.store.get(owner.node_id, EPOCH + 62) == record
+
+
+def test_a_contact_that_keeps_failing_is_evicted():
+    hand, a, b, c = trio()
+    assert c.node_id in a.table
+    hand.hosts[C] = silent = Silent()  # C crashes
+    a.events()
+    now = 10.0
+    for attempt in range(2):
+        a.find_node(c.node_id, now)
+        hand.pump(now)
+        now = run_timers(hand, [a], now, now + 12.0)
+        if attempt == 0:
+            assert c.node_id in a.table  # one failed request is not enough
+    assert c.node_id not in a.table
+    assert ContactRemoved(c.node_id) in a.events()
+    assert a.stats()["contacts_evicted"] == 1
+    assert b.node_id in a.table  # B answered throughout
+    assert silent.received > 0
+
+
+def _pong_voters(hand: Hand, engine, observed: list[Address], now: float, first: int = 0) -> list[Client]:
+    """Clients at distinct /24s that answer the engine's PINGs (and FIND_NODEs) by hand, each
+    reporting the address in ``observed``."""
+    voters = []
+    for i, seen in enumerate(observed, start=first):
+        client = hand.add(Client(80 + i), Address(f"198.51.{100 + i}.7", 4000))
+        voters.append(client)
+        engine.bootstrap([client.contact(Address(f"198.51.{100 + i}.7", 4000))], now)
+        hand.pump(now)
+        for message in client.take():
+            if isinstance(message, Ping):
+                client.send(engine.contact(A), Pong(message.request_id, 0, seen), now)
+            elif isinstance(message, FindNode):
+                client.send(engine.contact(A), Nodes(message.request_id, 1, ()), now)
+        hand.pump(now)
+    return voters
+
+
+def test_external_address_follows_a_majority_of_pong_votes():
+    hand = Hand()
+    a = hand.add(make_engine(1, A), A)
+    a.announce_record(0.0)
+    public = Address("203.0.113.9", 40000)
+    _pong_voters(hand, a, [public, public], 0.0)
+    assert not of_type(a.events(), ExternalAddressChanged)  # two voters are not enough
+    _pong_voters(hand, a, [public], 0.0, first=2)
+    events = a.events()
+    assert ExternalAddressChanged(public) in events
+    assert a.advertised_address == public
+    assert a.own_record.addresses == (public,)  # re-signed with it
+
+
+def test_one_network_cannot_outvote_the_others():
+    hand = Hand()
+    a = hand.add(make_engine(1, A), A)
+    liar = Address("203.0.113.66", 1)
+    # five clients from one /24 count as one voter
+    for i in range(5):
+        client = hand.add(Client(90 + i), Address(f"198.51.100.{10 + i}", 4000))
+        a.bootstrap([client.contact(Address(f"198.51.100.{10 + i}", 4000))], 0.0)
+        hand.pump(0.0)
+        for message in client.take():
+            if isinstance(message, Ping):
+                client.send(a.contact(A), Pong(message.request_id, 0, liar), 0.0)
+        hand.pump(0.0)
+    assert a.stats()["address_voters"] == 1
+    assert a.advertised_address == A
+    assert not of_type(a.events(), ExternalAddressChanged)
+
+
+def test_a_fixed_address_is_not_learned():
+    hand = Hand()
+    identity = Identity.from_seed(random.Random(1).randbytes(32))
+    a = hand.add(DhtEngine(identity, random_bytes=random.Random(1).randbytes, rng=random.Random(2),
+                           now=0.0, unix_offset=EPOCH, advertised_address=A, learn_address=False), A)
+    _pong_voters(hand, a, [Address("203.0.113.9", 40000)] * 3, 0.0)
+    assert a.advertised_address == A
+    assert not of_type(a.events(), ExternalAddressChanged)
