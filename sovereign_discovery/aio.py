@@ -79,8 +79,9 @@ class DhtNode:
     ``host`` is one IP address to bind, or several (at most one per address family: e.g.
     ``("0.0.0.0", "::")`` for dual stack); ``port`` 0 lets the system choose. The node's record
     advertises ``advertised_address`` if given, else the first bound address unless it is a
-    wildcard (``0.0.0.0`` / ``::``: then the address the node's peers report seeing, once a
-    majority of them agree). ``on_event`` is called with every engine event (routing-table
+    wildcard (``0.0.0.0`` / ``::``: then none until the node's peers report the address they see,
+    and a majority of them agree). Without ``advertised_address`` the node also follows those
+    reports when they disagree with the bound address (behind a NAT). ``on_event`` is called with every engine event (routing-table
     changes, external-address changes, lookup results) on the loop; it must not block.
     """
 
@@ -153,7 +154,8 @@ class DhtNode:
                 advertised = first
         now = self._loop.time()
         self._engine = DhtEngine(self._identity, config=self._config, random_bytes=os.urandom,
-                                 now=now, unix_offset=time.time() - now, advertised_address=advertised)
+                                 now=now, unix_offset=time.time() - now, advertised_address=advertised,
+                                 learn_address=self._advertised is None)
         self._state = "open"
         self._arm()
         return self
