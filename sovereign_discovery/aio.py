@@ -26,6 +26,7 @@ reached; a bootstrap that no contact answered raises
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import time
@@ -61,6 +62,11 @@ _log = logging.getLogger(__name__)
 
 #: Which event ends each kind of call (the others end with LookupFinished alone).
 _FINAL_EVENT = {"find_record": RecordFound, "find_providers": ProvidersFound, "announce": RecordAnnounced}
+
+
+def _bound_text(endpoint: UdpEndpoint) -> str:
+    host, port = endpoint.bound
+    return f"[{host}]:{port}" if endpoint.version == 6 else f"{host}:{port}"
 
 
 class _Call:
@@ -101,13 +107,17 @@ class DhtNode:
         if not hosts or not all(isinstance(h, str) for h in hosts):
             raise ArgumentTypeError("host must be an IP address string or a sequence of them")
         try:
-            families = [Address(h, 1).version for h in hosts]
-        except ArgumentValueError as exc:
-            raise ArgumentValueError(f"host: {exc}") from None
+            families = [ipaddress.ip_address(h).version for h in hosts]
+        except ValueError:
+            raise ArgumentValueError(f"host: not an IP address: {hosts}") from None
+        if any(ipaddress.ip_address(h).is_multicast for h in hosts):
+            raise ArgumentValueError(f"host: a multicast address cannot be bound for the DHT: {hosts}")
         if len(set(families)) != len(families):
             raise ArgumentValueError(f"host: at most one address per family, got {hosts}")
-        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-            raise ArgumentValueError(f"port must be an int in 0..65535, not {port!r}")
+        if isinstance(port, bool) or not isinstance(port, int):
+            raise ArgumentTypeError(f"port must be an int, not {type(port).__name__}")
+        if not 0 <= port <= 65535:
+            raise ArgumentValueError(f"port must be in 0..65535, not {port!r}")
         if not isinstance(config, DhtConfig):
             raise ArgumentTypeError(f"config must be a DhtConfig, not {type(config).__name__}")
         if advertised_address is not None and not isinstance(advertised_address, Address):
@@ -140,7 +150,7 @@ class DhtNode:
         try:
             for host in self._hosts:
                 endpoint = await UdpEndpoint.open(host, self._port, self._on_datagram)
-                self._endpoints[endpoint.address.version] = endpoint
+                self._endpoints[endpoint.version] = endpoint
         except BaseException:
             for endpoint in self._endpoints.values():
                 endpoint.close()
@@ -148,10 +158,8 @@ class DhtNode:
             self._state = "closed"
             raise
         advertised = self._advertised
-        if advertised is None:
-            first = next(iter(self._endpoints.values())).address
-            if not first.ip.is_unspecified:
-                advertised = first
+        if advertised is None:  # the first concrete bound address; none for a wildcard bind
+            advertised = next((e.address for e in self._endpoints.values() if e.address), None)
         now = self._loop.time()
         self._engine = DhtEngine(self._identity, config=self._config, random_bytes=os.urandom,
                                  now=now, unix_offset=time.time() - now, advertised_address=advertised,
@@ -196,15 +204,41 @@ class DhtNode:
         return self._identity.node_id
 
     @property
-    def addresses(self) -> list[Address]:
-        """The bound addresses, one per family (with the ports the system chose)."""
+    def bound(self) -> list[tuple[str, int]]:
+        """``(host, port)`` of each socket, one per family, wildcards included."""
         self._check_open()
-        return [endpoint.address for endpoint in self._endpoints.values()]
+        return [endpoint.bound for endpoint in self._endpoints.values()]
+
+    @property
+    def addresses(self) -> list[Address]:
+        """The addresses peers can reach: the bound ones (with the ports the system chose),
+        except that a wildcard socket contributes the advertised address of its family, if the
+        node knows one."""
+        self._check_open()
+        advertised = self._engine.advertised_address if self._engine is not None else None
+        out = []
+        for endpoint in self._endpoints.values():
+            if endpoint.address is not None:
+                out.append(endpoint.address)
+            elif advertised is not None and advertised.version == endpoint.version:
+                out.append(advertised)
+        return out
 
     @property
     def address(self) -> Address:
-        """The first bound address."""
-        return self.addresses[0]
+        """The advertised address if there is one, else the first of :attr:`addresses`. Raises
+        ArgumentValueError for a node bound only to wildcards that knows no address yet (give
+        it ``advertised_address``, or let its peers tell it: docs/dht-node.md)."""
+        self._check_open()
+        advertised = self._engine.advertised_address
+        if advertised is not None:
+            return advertised
+        addresses = self.addresses
+        if not addresses:
+            raise ArgumentValueError(
+                f"the node is bound to {', '.join(_bound_text(e) for e in self._endpoints.values())} and knows no "
+                "address peers can reach yet: pass advertised_address")
+        return addresses[0]
 
     @property
     def contact(self) -> Contact:
@@ -227,7 +261,7 @@ class DhtNode:
         drops by reason, table size, session count, …) plus ``udp``: each socket's counters, and
         ``no_route`` (datagrams for a family no socket is bound for)."""
         stats = self._open_engine().stats()
-        stats["udp"] = {str(e.address): dict(e.stats) for e in self._endpoints.values()}
+        stats["udp"] = {_bound_text(e): dict(e.stats) for e in self._endpoints.values()}
         stats["no_route"] = self._no_route
         return stats
 
@@ -284,18 +318,21 @@ class DhtNode:
             raise LookupTimeoutError(f"provider lookup of {capability!r} timed out", closest=finished.closest)
         return list(found.records)
 
-    async def announce(self) -> int:
-        """Sign a new own record and STORE it at the k closest peers of the own ID. Returns how
-        many stored it."""
+    async def announce(self, *, deadline_s: float | None = None) -> int:
+        """Sign a new own record and STORE it at the k closest peers of the own ID (and keep it
+        published: it is re-signed and stored again at half its TTL). Returns how many stored
+        it; ``deadline_s`` bounds the lookup for those peers."""
         engine = self._open_engine()
-        announced, _ = await self._call("announce", engine.announce_record(self._now()))
+        announced, _ = await self._call("announce", engine.announce_record(self._now(), deadline_s=deadline_s))
         return announced.stored_at
 
-    async def announce_capability(self, name: str) -> int:
+    async def announce_capability(self, name: str, *, deadline_s: float | None = None) -> int:
         """Add ``name`` to the own record's capabilities and ANNOUNCE it at the k closest peers of
-        the capability's key. Returns how many stored it."""
+        the capability's key (after :meth:`announce`, the re-signed record is stored under the own
+        ID again too). Returns how many stored the announcement."""
         engine = self._open_engine()
-        announced, _ = await self._call("announce", engine.announce_capability(name, self._now()))
+        query = engine.announce_capability(name, self._now(), deadline_s=deadline_s)
+        announced, _ = await self._call("announce", query)
         return announced.stored_at
 
     # --- driver --------------------------------------------------------------------------------------

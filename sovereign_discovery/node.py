@@ -134,6 +134,9 @@ DROP_REASONS = (
     "internal_error",  # a bug: the input raised inside the engine (logged with a traceback)
 )
 
+#: A peer re-enters the table (moves to its bucket's most-recently-seen end) at most this often.
+_REENTER_S = 1.0
+
 _REQUEST_TYPES = (Ping, FindNode, Store, FindValue, Announce, GetProviders)
 _RESPONSE_TYPES = (Pong, Nodes, StoreResult, Value, Providers)
 
@@ -358,6 +361,8 @@ class DhtEngine:
         #: voter's IP group -> (address reported, when), oldest first
         self._votes: OrderedDict[tuple[int, int], tuple[Address, float]] = OrderedDict()
         self._stats_evicted = 0
+        #: (node ID, address) -> when it last entered the table (cleared when full)
+        self._entered: dict[tuple[bytes, Address], float] = {}
         self._drops: dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
         self._stats_retries = 0
         names = [t.name.lower() for t in MessageType]
@@ -560,22 +565,28 @@ class DhtEngine:
         self._start_lookup(query, now, deadline_s=deadline_s)
         return query.id
 
-    def announce_record(self, now: float) -> QueryId:
+    def announce_record(self, now: float, *, deadline_s: float | None = None) -> QueryId:
         """Sign a new own record (seq = max(previous + 1, Unix ms)), keep it locally, look up the
         own ID and STORE it at the k closest. Ends with :class:`LookupFinished` then
         :class:`RecordAnnounced`."""
         now = _check_now(now)
+        deadline_s = _check_deadline(deadline_s)
         self._published = True
-        return self._announce("announce_record", self._id, self._sign_record(now), now)
+        return self._announce("announce_record", self._id, self._sign_record(now), now,
+                              deadline_s=deadline_s)
 
-    def announce_capability(self, name: str, now: float) -> QueryId:
+    def announce_capability(self, name: str, now: float, *, deadline_s: float | None = None) -> QueryId:
         """Add ``name`` to the own record's capabilities (re-signed), and ANNOUNCE it at the k
         closest of ``capability_key(name)``. Ends with :class:`LookupFinished` then
         :class:`RecordAnnounced`."""
         check_capability(name)
         now = _check_now(now)
+        deadline_s = _check_deadline(deadline_s)
         self._capabilities.add(name)
-        return self._announce_capability(name, self._sign_record(now), now)
+        record = self._sign_record(now)
+        if self._published:  # the copies under the own ID would lack the capability
+            self._announce("announce_record", self._id, record, now)
+        return self._announce_capability(name, record, now, deadline_s)
 
     def refresh(self, now: float, *, force: bool = False) -> list[QueryId]:
         """Kademlia §2.3 bucket refresh: a lookup of a random ID in each bucket no lookup went
@@ -594,18 +605,20 @@ class DhtEngine:
             started.append(query.id)
         return started
 
-    def _announce(self, kind: str, key: bytes, record: PeerRecord, now: float, capability: str = "") -> QueryId:
+    def _announce(self, kind: str, key: bytes, record: PeerRecord, now: float, capability: str = "",
+                  deadline_s: float | None = None) -> QueryId:
         """Look up ``key``, then STORE (records) or ANNOUNCE (providers) ``record`` at the k closest."""
         query = self._new_query(kind, key)
         query.record = record
         query.capability = capability
-        self._start_lookup(query, now)
+        self._start_lookup(query, now, deadline_s=deadline_s)
         return query.id
 
-    def _announce_capability(self, name: str, record: PeerRecord, now: float) -> QueryId:
+    def _announce_capability(self, name: str, record: PeerRecord, now: float,
+                             deadline_s: float | None = None) -> QueryId:
         key = capability_key(name)
         self._store.add_provider(key, record, None, self._unix(now))
-        return self._announce("announce_capability", key, record, now, name)
+        return self._announce("announce_capability", key, record, now, name, deadline_s)
 
     def _republish(self, now: float) -> None:
         """Owners republish before expiry (Kademlia §2.5), and when the record changes: a new
@@ -638,8 +651,10 @@ class DhtEngine:
     def _admit(self, source: Address, now: float) -> bool:
         """Token buckets: the source IP's, then the global one (docs/engine.md, Serving)."""
         config = self._config
-        buckets = self._ip_buckets
         ip = source.ip
+        if ip.is_loopback:  # local processes (tests, demos, many nodes on one host): global bucket only
+            return self._global_bucket.take(config.rate_global_per_s, config.burst_global, now)
+        buckets = self._ip_buckets
         bucket = buckets.get(ip)
         if bucket is None:
             while len(buckets) >= config.max_rate_limited_ips:
@@ -652,6 +667,16 @@ class DhtEngine:
         return self._global_bucket.take(config.rate_global_per_s, config.burst_global, now)
 
     def _enter_table(self, peer: Contact, now: float) -> None:
+        # A peer heard from within the last second keeps its place: the LRU order of a bucket
+        # needs no finer grain, and a busy peer would otherwise pay a table update per message.
+        key = (peer.node_id, peer.address)
+        entered = self._entered
+        last = entered.get(key)
+        if last is not None and now - last < _REENTER_S:
+            return
+        if len(entered) >= self._config.max_rtt_entries:
+            entered.clear()
+        entered[key] = now
         result = self._table.insert(peer, now)
         if isinstance(result, Inserted):
             self._events.append(ContactAdded(peer))
@@ -670,6 +695,9 @@ class DhtEngine:
 
     def _remove_contact(self, node_id: bytes, now: float) -> None:
         self._failures.pop(node_id, None)
+        held = self._table.get(node_id)
+        if held is not None:
+            self._entered.pop((node_id, held.address), None)
         removed = self._table.remove(node_id, now)
         if removed is not None and removed.contact.node_id == node_id:
             self._events.append(ContactRemoved(removed.contact.node_id))

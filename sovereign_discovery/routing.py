@@ -72,6 +72,7 @@ class Contact:
     public_key: bytes
     address: Address
     node_id: NodeId = field(init=False, compare=False)
+    _encoded: bytes | None = field(init=False, compare=False, repr=False)
 
     def __init__(self, public_key: bytes, address: Address) -> None:
         if not isinstance(public_key, bytes):
@@ -85,6 +86,16 @@ class Contact:
         object.__setattr__(self, "public_key", bytes(public_key))
         object.__setattr__(self, "address", address)
         object.__setattr__(self, "node_id", NodeId.from_public_key(public_key))
+        object.__setattr__(self, "_encoded", None)
+
+    def encode(self) -> bytes:
+        """``public key || address`` as NODES messages carry it (docs/protocol.md), cached: a
+        table's contacts are sent in many answers. Raises ArgumentValueError for a zoned address."""
+        encoded = self._encoded
+        if encoded is None:
+            encoded = self.public_key + self.address.encode()
+            object.__setattr__(self, "_encoded", encoded)
+        return encoded
 
     @classmethod
     def parse(cls, text: str) -> "Contact":

@@ -26,6 +26,8 @@ Two decisions beyond ``docs/protocol.md``:
   session MESSAGE we cannot decrypt is dropped (``awaiting_handshake``) instead of replacing it,
   since the HANDSHAKE answering it may be overtaken on the way by the MESSAGEs sent right after
   it; a new random packet gets the live challenge again.
+- Crossing handshakes (both peers initiate at once): both keep the session the lower node ID
+  initiated, and the side that keeps its own reads the other for ``challenge_ttl_s``.
 """
 
 from __future__ import annotations
@@ -262,12 +264,34 @@ def _handshake_signed(challenge_data: bytes, ephemeral: bytes, id_b: bytes) -> b
     return hashlib.sha256(challenge_data).digest() + ephemeral + id_b
 
 
+_REPLAYED = object()
+
+
+def _open(session: "_Session", datagram: bytes, nonce: bytes, counter: int) -> bytes | object | None:
+    """Decrypt a session MESSAGE: the plaintext, None if the tag does not verify, or _REPLAYED
+    for a counter seen before or older than the window. The window moves only after the tag
+    verified (docs/protocol.md)."""
+    behind = session.recv_max - counter
+    if behind >= 0 and (behind >= REPLAY_WINDOW or (session.recv_seen >> behind) & 1):
+        return _REPLAYED
+    message = _aead_decrypt(datagram[_MESSAGE_HEAD:], datagram[:_MESSAGE_HEAD], nonce, session.recv_key)
+    if message is None:
+        return None
+    if behind < 0:
+        session.recv_seen = ((session.recv_seen << -behind) | 1) & _WINDOW_MASK
+        session.recv_max = counter
+    else:
+        session.recv_seen |= 1 << behind
+    return message
+
+
 # --- state -------------------------------------------------------------------------------------
 
 
 class _Session:
     __slots__ = ("peer", "send_key", "recv_key", "send_counter", "recv_max", "recv_seen",
-                 "created", "last_used", "touched", "last_message")
+                 "created", "last_used", "touched", "last_message", "initiator", "alternate",
+                 "alternate_until")
 
     def __init__(self, peer: Contact, send_key: bytes, recv_key: bytes, now: float) -> None:
         self.peer = peer
@@ -280,6 +304,10 @@ class _Session:
         self.last_used = now
         self.touched = False  # used since it last came to the front of the LRU order (CLOCK)
         self.last_message = b""  # carried again by a re-handshake
+        self.initiator = False  # we sent the HANDSHAKE that made it
+        #: crossing handshakes: the peer's session we did not keep, still read until the time
+        self.alternate: _Session | None = None
+        self.alternate_until = 0.0
 
 
 class _Challenge:
@@ -353,7 +381,7 @@ class SessionLayer:
         self._unvalidated: OrderedDict[Address, list[int]] = OrderedDict()  # [received, sent]
         self._stats: dict[str, int] = dict.fromkeys(
             ("packets_in", "bytes_in", "packets_out", "bytes_out", "delivered", "handshakes_initiated",
-             "handshakes_completed", "pending_dropped", "sessions_evicted", "challenges_evicted",
+             "handshakes_completed", "handshakes_crossed", "pending_dropped", "sessions_evicted", "challenges_evicted",
              *DROP_REASONS), 0)
 
     # --- public API -----------------------------------------------------------------------------
@@ -498,18 +526,19 @@ class SessionLayer:
             reason = "decrypt_failed"
         else:
             counter = _COUNTER_NONCE.unpack_from(datagram, 4)[0]
-            behind = session.recv_max - counter
-            if behind >= 0 and (behind >= REPLAY_WINDOW or (session.recv_seen >> behind) & 1):
+            message = _open(session, datagram, nonce, counter)
+            if type(message) is not bytes and session.alternate is not None:
+                if now < session.alternate_until:  # sealed under the crossing handshake's keys
+                    other = _open(session.alternate, datagram, nonce, counter)
+                    if other is not None:
+                        message = other
+                else:
+                    session.alternate = None
+            if message is _REPLAYED:
                 return self._drop("replayed", source)  # the address has a session: validated
-            message = _aead_decrypt(datagram[_MESSAGE_HEAD:], datagram[:_MESSAGE_HEAD], nonce, session.recv_key)
             if message is None:
                 reason = "decrypt_failed"
-            else:  # the tag verified: only now move the window (docs/protocol.md)
-                if behind < 0:
-                    session.recv_seen = ((session.recv_seen << -behind) | 1) & _WINDOW_MASK
-                    session.recv_max = counter
-                else:
-                    session.recv_seen |= 1 << behind
+            else:
                 session.last_used = now
                 session.touched = True
                 self._stats["delivered"] += 1
@@ -605,6 +634,7 @@ class SessionLayer:
         first = messages[0] if messages else b""
         packet = header + _aead_encrypt(first, header, nonce, initiator_key)
         session = _Session(peer, initiator_key, recipient_key, now)
+        session.initiator = True
         session.last_message = first  # carried again if the peer answers a later MESSAGE with WHOAREYOU
         self._install((id_b, peer.address), session)
         self._stats["handshakes_initiated"] += 1
@@ -638,10 +668,28 @@ class SessionLayer:
         if message is None:
             return self._drop("decrypt_failed", source)
         session = _Session(Contact(public_key, source), recipient_key, initiator_key, now)
-        self._install(key, session)
         self._stats["handshakes_completed"] += 1
         self._stats["delivered"] += 1
-        return Received((Delivered(session.peer, message),), ())
+        delivered = (Delivered(session.peer, message),)
+        ours = self._sessions.get(key)
+        if (ours is not None and ours.initiator and now - ours.created < self._limits.challenge_ttl_s
+                and self._id < src_id):
+            # Crossing handshakes (both sides initiated at once): each side would install the
+            # other's session and neither could read the other. The session initiated by the
+            # lower node ID wins on both sides; the loser's is still read for a while, for the
+            # messages already sealed under it.
+            ours.alternate = session
+            ours.alternate_until = now + self._limits.challenge_ttl_s
+            self._stats["handshakes_crossed"] += 1
+            return Received(delivered, ())
+        self._install(key, session)
+        # Messages waiting for our own handshake with this peer go out in this session now; a
+        # WHOAREYOU to our random packet arriving later is then unsolicited.
+        pending = self._pending.get(key)
+        if pending is None:
+            return Received(delivered, ())
+        self._remove_pending(key)
+        return Received(delivered, tuple(self._seal(session, m) for m in pending.messages))
 
     # --- sending --------------------------------------------------------------------------------
 

@@ -43,6 +43,8 @@ class UdpEndpoint:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._handler: DatagramHandler | None = None
         self._address: Address | None = None
+        self._bound: tuple[str, int] | None = None
+        self._version = 4
         self._max_bytes = MAX_DATAGRAM_BYTES
         self._max_batch = 64
         self._queue: collections.deque[tuple[tuple, bytes]] = collections.deque()
@@ -94,6 +96,7 @@ class UdpEndpoint:
             except OSError:  # a smaller buffer still works; the kernel keeps its default
                 pass
             sock.bind((host, port))
+            bound = sock.getsockname()
         except OSError as exc:
             sock.close()
             reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror or str(exc)
@@ -106,17 +109,34 @@ class UdpEndpoint:
         self._max_bytes = max_datagram_bytes
         self._max_batch = max_batch
         self._max_queue = max_send_queue
-        bound = sock.getsockname()
-        self._address = Address(bound[0], bound[1])
+        self._bound = (bound[0], bound[1])
+        self._version = 6 if family == socket.AF_INET6 else 4
+        try:  # a wildcard (every interface) or multicast bind is no address a peer can send to
+            self._address = Address(bound[0], bound[1])
+        except ArgumentValueError:
+            self._address = None
         self._loop.add_reader(sock.fileno(), self._read_ready)
         return self
 
     @property
-    def address(self) -> Address:
-        """The bound address (with the port the system chose for port 0)."""
-        if self._address is None:
+    def address(self) -> Address | None:
+        """The bound address (with the port the system chose for port 0); None when bound to a
+        wildcard (``0.0.0.0`` / ``::``), which is no address a peer can send to: see :attr:`bound`."""  # noqa: E501
+        if self._bound is None:
             raise ClosedError("the endpoint was never opened")
         return self._address
+
+    @property
+    def bound(self) -> tuple[str, int]:
+        """``(host, port)`` as bound, wildcards included."""
+        if self._bound is None:
+            raise ClosedError("the endpoint was never opened")
+        return self._bound
+
+    @property
+    def version(self) -> int:
+        """The IP version of the socket: 4 or 6."""
+        return self._version
 
     @property
     def receive_buffer_bytes(self) -> int:

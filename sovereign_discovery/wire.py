@@ -187,6 +187,12 @@ def _check_address(name: str, value: object) -> Address:
     return value
 
 
+def _check_contact(i: int, contact: object) -> None:
+    if not isinstance(contact, Contact):
+        raise ArgumentTypeError(f"contacts[{i}] must be a Contact, not {type(contact).__name__}")
+    _check_address(f"contacts[{i}].address", contact.address)
+
+
 # --- messages ----------------------------------------------------------------------------------
 
 
@@ -241,15 +247,18 @@ class Nodes:
     def __init__(self, request_id: bytes, total: int, contacts: Iterable[Contact]) -> None:
         _set(self, "request_id", _check_request_id(request_id))
         _set(self, "total", _check_total(total))
-        if isinstance(contacts, (str, bytes)) or not isinstance(contacts, Iterable):
+        if type(contacts) is tuple or type(contacts) is list:  # the common cases, checked fast
+            items = tuple(contacts)
+        elif isinstance(contacts, (str, bytes)) or not isinstance(contacts, Iterable):
             raise ArgumentTypeError(f"contacts must be an iterable of Contact, not {type(contacts).__name__}")
-        items = tuple(contacts)
+        else:
+            items = tuple(contacts)
         if len(items) > MAX_NODES_PER_MESSAGE:
             raise ArgumentValueError(f"contacts: at most {MAX_NODES_PER_MESSAGE}, got {len(items)}")
-        for i, contact in enumerate(items):
-            if not isinstance(contact, Contact):
-                raise ArgumentTypeError(f"contacts[{i}] must be a Contact, not {type(contact).__name__}")
-            _check_address(f"contacts[{i}].address", contact.address)
+        for contact in items:
+            # A contact encoded once (cached) is encodable: only new ones need the address check.
+            if type(contact) is not Contact or contact._encoded is None:
+                _check_contact(items.index(contact), contact)
         _set(self, "contacts", items)
 
 
@@ -386,11 +395,8 @@ def _encode_find_node(m: FindNode) -> bytes:
 
 
 def _encode_nodes(m: Nodes) -> bytes:
-    parts = [_WITH_COUNTS.pack(0x04, m.request_id, m.total, len(m.contacts))]
-    for c in m.contacts:
-        parts.append(c.public_key)
-        parts.append(c.address.encode())
-    return b"".join(parts)
+    return _WITH_COUNTS.pack(0x04, m.request_id, m.total, len(m.contacts)) + b"".join(
+        [c.encode() for c in m.contacts])
 
 
 def _encode_store(m: Store) -> bytes:
@@ -528,6 +534,7 @@ def _decode_nodes(data: bytes, n: int) -> Nodes:
             except DecodeError as exc:
                 raise DecodeError(f"NODES contact {i}: {exc}") from None
             contact = Contact(data[offset:key_end], address)
+            _set(contact, "_encoded", bytes(data[offset:end]))
             if len(cache) >= _CONTACT_CACHE_SIZE:
                 cache.clear()
             cache[data[offset:end]] = contact
@@ -681,7 +688,9 @@ def split_nodes(request_id: bytes, contacts: Iterable[Contact]) -> list[Nodes]:
     ``total``. No contacts give one empty NODES message."""
     items = tuple(contacts)
     step = MAX_NODES_PER_MESSAGE
-    pieces = [items[i : i + step] for i in range(0, len(items), step)] or [()]
+    if len(items) <= step:  # k = 20 fits one message
+        return [Nodes(request_id, 1, items)]
+    pieces = [items[i : i + step] for i in range(0, len(items), step)]
     if len(pieces) > MAX_RESPONSE_MESSAGES:
         raise ArgumentValueError(
             f"contacts: at most {MAX_RESPONSE_MESSAGES * step} fit one response, got {len(items)}"

@@ -423,6 +423,53 @@ def test_restarted_recipient_of_several_messages_rehandshakes():
     assert [d.message for d in deliver(b2, a.send(peer, b"m1", 1.1), A_ADDR, 1.1)[0]] == [b"m1"]
 
 
+def test_crossing_handshakes_agree_on_one_session():
+    """A and B start handshakes with each other at once. Both keep the session the lower node ID
+    initiated; messages already sealed under the other one are still read."""
+    a_id, b_id = ident(1), ident(2)
+    a, b = layer(a_id, 1), layer(b_id, 2)
+    to_b, to_a = Contact(b_id.public_key, B_ADDR), Contact(a_id.public_key, A_ADDR)
+    random_a, random_b = a.send(to_b, b"a1", 0), b.send(to_a, b"b1", 0)
+    _, challenge_for_a = deliver(b, random_a, A_ADDR)
+    _, challenge_for_b = deliver(a, random_b, B_ADDR)
+    _, handshake_a = deliver(a, challenge_for_a, B_ADDR)  # both now initiate
+    _, handshake_b = deliver(b, challenge_for_b, A_ADDR)
+    got_b, _ = deliver(b, handshake_a, A_ADDR)
+    got_a, _ = deliver(a, handshake_b, B_ADDR)
+    assert [d.message for d in got_a] == [b"b1"] and [d.message for d in got_b] == [b"a1"]
+    assert a.stats["handshakes_crossed"] + b.stats["handshakes_crossed"] == 1
+    # From here on every message is read, both ways, without another handshake.
+    for i in range(5):
+        assert [d.message for d in deliver(b, a.send(to_b, b"x%d" % i, 0.1), A_ADDR, 0.1)[0]] == [b"x%d" % i]
+        assert [d.message for d in deliver(a, b.send(to_a, b"y%d" % i, 0.1), B_ADDR, 0.1)[0]] == [b"y%d" % i]
+    for layer_ in (a, b):
+        assert layer_.stats["decrypt_failed"] == 0 and layer_.stats["handshakes_initiated"] == 1
+
+
+def test_messages_sealed_under_the_losing_crossing_session_are_still_read():
+    a_id, b_id = ident(1), ident(2)
+    a, b = layer(a_id, 1), layer(b_id, 2)
+    low, high = (a, b) if a_id.node_id < b_id.node_id else (b, a)
+    low_addr, high_addr = (A_ADDR, B_ADDR) if low is a else (B_ADDR, A_ADDR)
+    low_id, high_id = (a_id, b_id) if low is a else (b_id, a_id)
+    to_high, to_low = Contact(high_id.public_key, high_addr), Contact(low_id.public_key, low_addr)
+    _, challenge_for_low = deliver(high, low.send(to_high, b"l1", 0), low_addr)
+    _, challenge_for_high = deliver(low, high.send(to_low, b"h1", 0), high_addr)
+    _, handshake_low = deliver(low, challenge_for_low, high_addr)
+    _, handshake_high = deliver(high, challenge_for_high, low_addr)
+    # The higher ID sends more under its own session before it sees the lower's handshake.
+    early = high.send(to_low, b"h2", 0) + high.send(to_low, b"h3", 0)
+    too_late = high.send(to_low, b"h6", 0)
+    deliver(low, handshake_high, high_addr)  # the lower ID keeps its own session
+    deliver(high, handshake_low, low_addr)  # the higher ID switches to it
+    late = high.send(to_low, b"h4", 0)
+    assert [d.message for d in deliver(low, late + early, high_addr)[0]] == [b"h4", b"h2", b"h3"]
+    assert low.stats["decrypt_failed"] == 0
+    # The losing session is read only for a while (the challenge TTL, 5 s).
+    assert deliver(low, too_late, high_addr, 6.0)[0] == []
+    assert low.stats["decrypt_failed"] == 1
+
+
 def test_lost_whoareyou_is_retried():
     a_id, b_id = ident(1), ident(2)
     a, b = layer(a_id, 1), layer(b_id, 2)
