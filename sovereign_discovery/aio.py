@@ -163,7 +163,8 @@ class DhtNode:
         now = self._loop.time()
         self._engine = DhtEngine(self._identity, config=self._config, random_bytes=os.urandom,
                                  now=now, unix_offset=time.time() - now, advertised_address=advertised,
-                                 learn_address=self._advertised is None)
+                                 learn_address=self._advertised is None,
+                                 families=tuple(self._endpoints))
         self._state = "open"
         self._arm()
         return self

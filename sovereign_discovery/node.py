@@ -131,6 +131,7 @@ DROP_REASONS = (
     # (or, in an answer, does not fit the key asked for)
     "outstanding_full",  # a request not sent: max_outstanding_requests reached
     "lookups_full",  # a lookup not started: max_lookups reached
+    "no_route",  # a request not sent: the peer's address family has no socket (it fails at once)
     "internal_error",  # a bug: the input raised inside the engine (logged with a traceback)
 )
 
@@ -312,6 +313,7 @@ class DhtEngine:
         advertised_address: Address | None = None,
         learn_address: bool = True,
         session_limits: SessionLimits | None = None,
+        families: Iterable[int] = (4, 6),
     ) -> None:
         if not isinstance(identity, Identity):
             raise ArgumentTypeError(f"identity must be an Identity, not {type(identity).__name__}")
@@ -332,6 +334,9 @@ class DhtEngine:
         self._rng = rng if rng is not None else random.Random(random_bytes(32))
         self._advertised = advertised_address
         self._learn_address = bool(learn_address)
+        self._families = frozenset(families)
+        if not self._families or not self._families <= {4, 6}:
+            raise ArgumentValueError(f"families must be a non-empty set of 4 and/or 6, not {families!r}")
         if session_limits is not None and not isinstance(session_limits, SessionLimits):
             raise ArgumentTypeError(
                 f"session_limits must be a SessionLimits, not {type(session_limits).__name__}")
@@ -837,6 +842,9 @@ class DhtEngine:
         ``now + 2 × timeout_s``. False (and nothing sent) when the outstanding table is full."""
         if len(self._requests) >= self._config.max_outstanding_requests:
             self._drop("outstanding_full", "request to %s not sent", peer)
+            return False
+        if peer.address.version not in self._families:
+            self._drop("no_route", "request to %s not sent: no IPv%d socket", peer, peer.address.version)
             return False
         request = _Request(message.request_id, peer, expected, now,
                            now + _ATTEMPTS * timeout_s, on_done)

@@ -290,8 +290,8 @@ def _open(session: "_Session", datagram: bytes, nonce: bytes, counter: int) -> b
 
 class _Session:
     __slots__ = ("peer", "send_key", "recv_key", "send_counter", "recv_max", "recv_seen",
-                 "created", "last_used", "touched", "last_message", "initiator", "alternate",
-                 "alternate_until")
+                 "created", "last_used", "touched", "last_message", "initiator", "confirmed",
+                 "alternate", "alternate_until")
 
     def __init__(self, peer: Contact, send_key: bytes, recv_key: bytes, now: float) -> None:
         self.peer = peer
@@ -305,6 +305,7 @@ class _Session:
         self.touched = False  # used since it last came to the front of the LRU order (CLOCK)
         self.last_message = b""  # carried again by a re-handshake
         self.initiator = False  # we sent the HANDSHAKE that made it
+        self.confirmed = True  # the peer has sent in it (an initiator's session starts unconfirmed)
         #: crossing handshakes: the peer's session we did not keep, still read until the time
         self.alternate: _Session | None = None
         self.alternate_until = 0.0
@@ -375,13 +376,15 @@ class SessionLayer:
         self._sessions: OrderedDict[tuple[bytes, Address], _Session] = OrderedDict()  # LRU first
         self._session_ids_at: dict[Address, set[bytes]] = {}  # validated addresses
         self._challenges: OrderedDict[tuple[bytes, Address], _Challenge] = OrderedDict()  # oldest first
+        #: sessions we initiated and the peer has not yet used, by when they were made (oldest first)
+        self._unconfirmed: OrderedDict[tuple[bytes, Address], float] = OrderedDict()
         self._challenges_per_ip: dict[object, dict[tuple[bytes, Address], None]] = {}  # oldest first
         self._pending: OrderedDict[tuple[bytes, Address], _Pending] = OrderedDict()  # oldest first
         self._pending_by_nonce: dict[bytes, tuple[bytes, Address]] = {}
         self._unvalidated: OrderedDict[Address, list[int]] = OrderedDict()  # [received, sent]
         self._stats: dict[str, int] = dict.fromkeys(
             ("packets_in", "bytes_in", "packets_out", "bytes_out", "delivered", "handshakes_initiated",
-             "handshakes_completed", "handshakes_crossed", "pending_dropped", "sessions_evicted", "challenges_evicted",
+             "handshakes_completed", "handshakes_crossed", "sessions_unconfirmed", "pending_dropped", "sessions_evicted", "challenges_evicted",
              *DROP_REASONS), 0)
 
     # --- public API -----------------------------------------------------------------------------
@@ -469,6 +472,18 @@ class SessionLayer:
             self._stats["pending_dropped"] += len(entry.messages)
             self._remove_pending(key)
         sessions = self._sessions
+        # A session we initiated that the peer never used (it did not answer our HANDSHAKE, e.g.
+        # it does not hold the key we pinned, or it is gone) is dropped after pending_ttl_s.
+        unconfirmed = self._unconfirmed
+        while unconfirmed:
+            key, created = next(iter(unconfirmed.items()))
+            if now - created < limits.pending_ttl_s:
+                break
+            del unconfirmed[key]
+            session = sessions.get(key)
+            if session is not None and not session.confirmed and session.created == created:
+                self._remove_session(key)
+                self._stats["sessions_unconfirmed"] += 1
         for _ in range(min(len(sessions), 256)):  # bounded work; an old session is also dropped on use
             key, session = next(iter(sessions.items()))
             if now - session.created >= limits.session_lifetime_s:
@@ -541,6 +556,9 @@ class SessionLayer:
             else:
                 session.last_used = now
                 session.touched = True
+                if not session.confirmed:
+                    session.confirmed = True
+                    self._unconfirmed.pop(key, None)
                 self._stats["delivered"] += 1
                 return Received((Delivered(session.peer, message),), ())
         # docs/protocol.md, handshake step 2: answer what we cannot decrypt with a challenge.
@@ -635,6 +653,12 @@ class SessionLayer:
         packet = header + _aead_encrypt(first, header, nonce, initiator_key)
         session = _Session(peer, initiator_key, recipient_key, now)
         session.initiator = True
+        session.confirmed = False
+        unconfirmed = self._unconfirmed
+        unconfirmed.pop((id_b, peer.address), None)
+        unconfirmed[(id_b, peer.address)] = now
+        while len(unconfirmed) > self._limits.max_sessions:
+            unconfirmed.popitem(last=False)
         session.last_message = first  # carried again if the peer answers a later MESSAGE with WHOAREYOU
         self._install((id_b, peer.address), session)
         self._stats["handshakes_initiated"] += 1

@@ -546,3 +546,17 @@ def test_receive_datagram_never_raises(data, authenticated):
     engine.datagrams_to_send()
     engine.events()
     assert engine.stats()["drops"]["internal_error"] == 0
+
+
+def test_requests_to_a_family_without_a_socket_fail_at_once():
+    r = random.Random(5)
+    engine = DhtEngine(Identity.from_seed(r.randbytes(32)), random_bytes=r.randbytes,
+                       rng=random.Random(6), now=0.0, unix_offset=EPOCH, families=(4,))
+    v6 = Contact(Identity.from_seed(r.randbytes(32)).public_key, Address("2001:db8::1", 4000))
+    query = engine.bootstrap([v6], 0.0)
+    [finished] = of_type(engine.events(), LookupFinished)
+    assert finished.query == query and finished.closest == ()
+    assert engine.datagrams_to_send() == []
+    assert engine.stats()["drops"]["no_route"] == 2  # its PING and FIND_NODE
+    with pytest.raises(ArgumentValueError, match="families"):
+        DhtEngine(Identity.from_seed(r.randbytes(32)), now=0.0, unix_offset=EPOCH, families=(5,))

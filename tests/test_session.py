@@ -470,6 +470,27 @@ def test_messages_sealed_under_the_losing_crossing_session_are_still_read():
     assert low.stats["decrypt_failed"] == 1
 
 
+def test_a_session_the_peer_never_uses_is_dropped():
+    """Our HANDSHAKE went to a peer that cannot answer (wrong pinned key, or gone): the session we
+    installed for it is dropped after pending_ttl_s; one the peer used stays."""
+    a_id, b_id = ident(1), ident(2)
+    a, b = layer(a_id, 1), layer(b_id, 2)
+    peer = Contact(b_id.public_key, B_ADDR)
+    _, challenge = deliver(b, a.send(peer, b"ping", 0), A_ADDR)
+    deliver(a, challenge, B_ADDR)  # the HANDSHAKE is lost
+    assert a.has_session(b_id.node_id, B_ADDR)
+    a.expire(4.0)
+    assert a.has_session(b_id.node_id, B_ADDR)
+    a.expire(5.5)
+    assert not a.has_session(b_id.node_id, B_ADDR) and a.stats["sessions_unconfirmed"] == 1
+    # A session the peer answered in is kept.
+    delivered, _ = handshake(a, A_ADDR, b, b_id, B_ADDR, now=10.0)
+    assert delivered
+    deliver(a, b.send(Contact(a_id.public_key, A_ADDR), b"pong", 10.0), B_ADDR, 10.0)
+    a.expire(20.0)
+    assert a.has_session(b_id.node_id, B_ADDR)
+
+
 def test_lost_whoareyou_is_retried():
     a_id, b_id = ident(1), ident(2)
     a, b = layer(a_id, 1), layer(b_id, 2)
