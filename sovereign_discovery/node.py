@@ -138,6 +138,10 @@ DROP_REASONS = (
 #: A peer re-enters the table (moves to its bucket's most-recently-seen end) at most this often.
 _REENTER_S = 1.0
 
+#: Stats key of each message type ("find_node", ...).
+_NAMES = {cls: cls.TYPE.name.lower() for cls in (Ping, Pong, FindNode, Nodes, Store, StoreResult, FindValue,
+                                                 Value, Announce, GetProviders, Providers)}
+
 _REQUEST_TYPES = (Ping, FindNode, Store, FindValue, Announce, GetProviders)
 _RESPONSE_TYPES = (Pong, Nodes, StoreResult, Value, Providers)
 
@@ -642,7 +646,7 @@ class DhtEngine:
         except DecodeError as exc:
             self._drop("undecodable", "message from %s: %s", peer, exc)
             return
-        self._in[message.TYPE.name.lower()] += 1
+        self._in[_NAMES[type(message)]] += 1
         is_request = isinstance(message, _REQUEST_TYPES)
         if is_request and not self._admit(peer.address, now):
             self._drop("rate_limited", "request from %s", peer.address)
@@ -869,13 +873,13 @@ class DhtEngine:
                 return rid
 
     def _send(self, peer: Contact, message, now: float) -> None:
-        self._sent[message.TYPE.name.lower()] += 1
+        self._sent[_NAMES[type(message)]] += 1
         self._queue_out(self._session.send(peer, encode_message(message), now))
 
     def _retry(self, request: _Request, now: float) -> None:
         """Send an unanswered request once more (the session layer retries its handshake too)."""
         self._stats_retries += 1
-        self._sent[request.message.TYPE.name.lower()] += 1
+        self._sent[_NAMES[type(request.message)]] += 1
         self._queue_out(self._session.send(request.peer, encode_message(request.message), now))
 
     def _queue_out(self, outgoing) -> None:

@@ -37,6 +37,7 @@ import hmac
 import logging
 import os
 import struct
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
@@ -90,15 +91,29 @@ try:
     if _lib.crypto_aead_chacha20poly1305_ietf_abytes() != 16:  # pragma: no cover
         raise ImportError("unexpected tag size")
 
+    # One scratch buffer per thread (libsodium runs without the GIL): no allocation per packet.
+    _scratch = threading.local()
+
+    def _scratch_buffer():
+        buffer = getattr(_scratch, "buffer", None)
+        if buffer is None:
+            buffer = _scratch.buffer = _new_buffer("unsigned char[]", 2048)  # > any datagram
+        return buffer
+
     def _aead_encrypt(message: bytes, aad: bytes, nonce: bytes, key: bytes) -> bytes:
-        out = _new_buffer("unsigned char[]", len(message) + 16)
+        out = _scratch_buffer()
+        size = len(message) + 16
+        if size > 2048:  # pragma: no cover - callers cap messages far below
+            out = _new_buffer("unsigned char[]", size)
         _encrypt_c(out, _NULL, message, len(message), aad, len(aad), _NULL, nonce, key)
-        return _buffer(out)[:]
+        return _buffer(out, size)[:]
 
     def _aead_decrypt(ciphertext: bytes, aad: bytes, nonce: bytes, key: bytes) -> bytes | None:
         """The plaintext, or None when the tag does not verify."""
         size = len(ciphertext) - 16
-        out = _new_buffer("unsigned char[]", size if size > 0 else 1)
+        if size < 0:
+            return None
+        out = _scratch_buffer() if size <= 2048 else _new_buffer("unsigned char[]", size)
         if _decrypt_c(out, _NULL, _NULL, ciphertext, len(ciphertext), aad, len(aad), nonce, key):
             return None
         return _buffer(out, size)[:]
