@@ -95,8 +95,10 @@ from .wire import (
     StoreStatus,
     Value,
     capability_key,
+    MAX_NODES_PER_MESSAGE,
     decode_message,
     encode_message,
+    encode_nodes_answer,
     split_nodes,
     split_providers,
 )
@@ -835,7 +837,13 @@ class DhtEngine:
         return put(record, unix)
 
     def _send_nodes(self, peer: Contact, rid: bytes, target: bytes, now: float) -> None:
-        for piece in split_nodes(rid, self._table.closest(target, self._config.bucket_size)):
+        contacts = self._table.closest(target, self._config.bucket_size)
+        if len(contacts) <= MAX_NODES_PER_MESSAGE:  # k <= 20: one message, the hot path
+            self._sent["nodes"] += 1
+            self._queue_out(self._session.send(peer, encode_nodes_answer(rid, contacts), now))
+            return
+        for piece in split_nodes(rid, [c for c in contacts if not c.address.ip.version == 6
+                                       or not c.address.ip.scope_id]):
             self._send(peer, piece, now)
 
     # --- requests ------------------------------------------------------------------------------------

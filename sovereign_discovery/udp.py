@@ -32,6 +32,8 @@ __all__ = ["UdpEndpoint"]
 
 _log = logging.getLogger(__name__)
 
+_MAX_SOURCES = 4096
+
 DatagramHandler = Callable[[bytes, Address], None]
 
 
@@ -50,6 +52,10 @@ class UdpEndpoint:
         self._queue: collections.deque[tuple[tuple, bytes]] = collections.deque()
         self._max_queue = 1024
         self._writing = False
+        #: source tuple -> Address: parsing an address with ipaddress costs ~10 µs here
+        self._sources: dict[tuple, Address] = {}
+        #: Address -> (host, port): str() of an ipaddress costs microseconds too
+        self._destinations: dict[Address, tuple] = {}
         self._logged: set[str] = set()
         self.stats: dict[str, int] = dict.fromkeys(
             ("datagrams_in", "bytes_in", "datagrams_out", "bytes_out", "dropped_oversize",
@@ -153,6 +159,7 @@ class UdpEndpoint:
 
     def _read_ready(self) -> None:
         sock, handler, limit = self._sock, self._handler, self._max_bytes
+        sources = self._sources
         if sock is None or handler is None:
             return
         for _ in range(self._max_batch):
@@ -166,11 +173,16 @@ class UdpEndpoint:
             if len(data) > limit:
                 self._count("dropped_oversize", f"dropped a datagram over {limit} bytes from {source}")
                 continue
-            try:
-                address = Address(source[0], source[1])
-            except (ArgumentValueError, ArgumentTypeError):
-                self._count("dropped_bad_source", f"dropped a datagram from unusable source {source}")
-                continue
+            address = sources.get(source)
+            if address is None:
+                try:
+                    address = Address(source[0], source[1])
+                except (ArgumentValueError, ArgumentTypeError):
+                    self._count("dropped_bad_source", f"dropped a datagram from unusable source {source}")
+                    continue
+                if len(sources) >= _MAX_SOURCES:  # bounded: a flood of sources costs misses only
+                    sources.clear()
+                sources[source] = address
             self.stats["datagrams_in"] += 1
             self.stats["bytes_in"] += len(data)
             try:
@@ -194,7 +206,12 @@ class UdpEndpoint:
             raise ArgumentTypeError(f"data must be bytes, not {type(data).__name__}")
         if len(data) > self._max_bytes:
             raise ArgumentValueError(f"datagram of {len(data)} bytes exceeds {self._max_bytes}")
-        destination = address.to_tuple()  # an IPv6 zone, if any, rides in the host string
+        destination = self._destinations.get(address)
+        if destination is None:
+            destination = address.to_tuple()  # an IPv6 zone, if any, rides in the host string
+            if len(self._destinations) >= _MAX_SOURCES:
+                self._destinations.clear()
+            self._destinations[address] = destination
         if self._queue:  # keep order behind datagrams already waiting
             return self._enqueue(destination, bytes(data))
         return self._send_now(destination, data)

@@ -560,3 +560,16 @@ def test_requests_to_a_family_without_a_socket_fail_at_once():
     assert engine.stats()["drops"]["no_route"] == 2  # its PING and FIND_NODE
     with pytest.raises(ArgumentValueError, match="families"):
         DhtEngine(Identity.from_seed(r.randbytes(32)), now=0.0, unix_offset=EPOCH, families=(5,))
+
+
+def test_a_link_local_contact_in_the_table_is_left_out_of_answers():
+    hand = Hand()
+    a = hand.add(make_engine(1, A), A)
+    client = hand.add(Client(50), D)
+    zoned = Contact(Client(51).identity.public_key, Address("fe80::1%eth0", 4000))
+    a.table.insert(zoned, 0.0)
+    client.send(a.contact(A), FindNode(b"\x03" * 8, zoned.node_id), 0.0)
+    hand.pump(0.0)
+    [nodes] = client.take()
+    assert isinstance(nodes, Nodes) and zoned not in nodes.contacts
+    assert a.stats()["drops"]["internal_error"] == 0

@@ -34,6 +34,7 @@ from sovereign_discovery.wire import (
     capability_key,
     decode_message,
     encode_message,
+    encode_nodes_answer,
     new_request_id,
     split_nodes,
     split_providers,
@@ -539,3 +540,14 @@ def test_contact_cache_is_bounded_and_transparent(monkeypatch):
     bad = nodes_bytes(1, items[:2])[:-2] + b"\x00\x00"
     with pytest.raises(DecodeError, match="contact 1: port"):
         decode_message(bad)
+
+
+def test_encode_nodes_answer_is_a_one_message_nodes():
+    contacts = [v6_contact(i) if i % 2 else v4_contact(i) for i in range(MAX_NODES_PER_MESSAGE)]
+    assert encode_nodes_answer(RID, contacts) == encode_message(Nodes(RID, 1, contacts))
+    assert encode_nodes_answer(RID, []) == encode_message(Nodes(RID, 1, ()))
+    zoned = Contact(bytes(range(32)), Address("fe80::1%eth0", 4000))
+    assert decode_message(encode_nodes_answer(RID, [contacts[0], zoned, contacts[1]])).contacts == (
+        contacts[0], contacts[1])  # a link-local contact means nothing elsewhere: left out
+    with pytest.raises(ArgumentValueError, match="at most"):
+        encode_nodes_answer(RID, contacts + [contacts[0]])
