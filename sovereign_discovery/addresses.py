@@ -80,7 +80,7 @@ class Address:
             host, sep, port = text.rpartition(":")
             if ":" in host:
                 raise ArgumentValueError(f"address: write IPv6 as [host]:port, got {text!r}")
-        if not sep or not host or not port.isdigit():
+        if not sep or not host or not (port.isascii() and port.isdigit()):
             raise ArgumentValueError(f"address must look like HOST:PORT or [HOST]:PORT, got {text!r}")
         return cls(host, int(port))
 

@@ -233,6 +233,6 @@ def test_address_parsing():
     assert str(Address.parse("[::1]:4000")) == "[::1]:4000"
     assert Address("::ffff:192.0.2.1", 1) == Address("192.0.2.1", 1)
     for bad in ("127.0.0.1", "::1:4000", "[::1]4000", "host:1", "0.0.0.0:1", "224.0.0.1:1", "1.2.3.4:0",
-                "1.2.3.4:70000"):
+                "1.2.3.4:70000", "1.2.3.4:²", "1.2.3.4:٣"):
         with pytest.raises(ArgumentValueError):
             Address.parse(bad)
