@@ -11,6 +11,15 @@ from __future__ import annotations
 
 from .addresses import Address
 from .aio import DhtNode
+from .config import (
+    BootstrapConfig,
+    Config,
+    ConfigError,
+    ConfigTypeError,
+    DhtSettings,
+    LocalConfig,
+    NodeConfig,
+)
 from .constants import DEFAULT_BUCKET_SIZE, MAX_DATAGRAM_BYTES, MAX_RECORD_BYTES
 from .errors import (
     ArgumentTypeError,
@@ -107,6 +116,14 @@ __all__ = [
     "ContactAdded",
     "ContactRemoved",
     "ExternalAddressChanged",
+    # configuration
+    "Config",
+    "NodeConfig",
+    "BootstrapConfig",
+    "LocalConfig",
+    "DhtSettings",
+    "ConfigError",
+    "ConfigTypeError",
     # limits
     "DEFAULT_BUCKET_SIZE",
     "MAX_DATAGRAM_BYTES",
