@@ -49,6 +49,7 @@ copies after FIND_VALUE.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import math
 import os
@@ -356,6 +357,10 @@ class DhtEngine:
         self._out: list[tuple[Address, bytes]] = []
         self._events: list[Event] = []
         self._requests: dict[bytes, _Request] = {}
+        #: (when, request ID) of every request's retry and deadline, a heap; entries of requests
+        #: answered or already retried are dropped when they reach the top (or on a rebuild)
+        self._timers: list[tuple[float, int, bytes]] = []
+        self._timer_seq = 0
         #: request ID -> ((peer ID, address), drop reason) of requests recently finished (bounded)
         self._done: OrderedDict[bytes, tuple[tuple[bytes, Address], str]] = OrderedDict()
         self._queries: dict[QueryId, _Query] = {}
@@ -464,16 +469,23 @@ class DhtEngine:
     def handle_timer(self, now: float) -> None:
         """Apply request and lookup timeouts and run upkeep. Call at :meth:`next_deadline`."""
         now = _check_now(now)
-        expired = [r for r in self._requests.values() if r.deadline <= now]
-        for request in expired:
-            if self._requests.pop(request.request_id, None) is not None:
-                self._remember_done(request, "duplicate_response" if request.parts else "late_response")
-                if not request.parts:
-                    self._note_failure(request.peer, now)
-                request.on_done(request.parts or None, now)
-        for request in [r for r in self._requests.values() if r.retry_at <= now]:
-            request.retry_at = math.inf
-            self._retry(request, now)
+        due = []
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            when, _, rid = heapq.heappop(timers)
+            request = self._requests.get(rid)
+            if request is not None and when in (request.deadline, request.retry_at):
+                due.append(request)
+        for request in due:
+            if request.deadline <= now:
+                if self._requests.pop(request.request_id, None) is not None:
+                    self._remember_done(request, "duplicate_response" if request.parts else "late_response")
+                    if not request.parts:
+                        self._note_failure(request.peer, now)
+                    request.on_done(request.parts or None, now)
+            elif request.retry_at <= now and request.request_id in self._requests:
+                request.retry_at = math.inf
+                self._retry(request, now)
         for query in list(self._queries.values()):
             if query.lookup is not None and not query.lookup.finished \
                     and query.id in self._queries:
@@ -493,11 +505,15 @@ class DhtEngine:
         """The one time :meth:`handle_timer` is due: the earliest request deadline, lookup
         deadline (per-peer timeout or overall), or upkeep."""
         deadline = self._next_upkeep
-        for request in self._requests.values():
-            if request.deadline < deadline:
-                deadline = request.deadline
-            if request.retry_at < deadline:
-                deadline = request.retry_at
+        timers, requests = self._timers, self._requests
+        while timers:  # drop entries of requests answered, given up or already retried
+            when, _, rid = timers[0]
+            request = requests.get(rid)
+            if request is not None and when in (request.deadline, request.retry_at):
+                break
+            heapq.heappop(timers)
+        if timers and timers[0][0] < deadline:
+            deadline = timers[0][0]
         for query in self._queries.values():
             lookup = query.lookup
             if lookup is not None:
@@ -863,6 +879,14 @@ class DhtEngine:
         request.message = message
         request.retry_at = now + timeout_s
         self._requests[message.request_id] = request
+        timers = self._timers
+        if len(timers) > 4 * len(self._requests) + 64:  # mostly stale entries: rebuild
+            timers[:] = [(w, i, r.request_id) for i, r in enumerate(self._requests.values())
+                         for w in (r.deadline, r.retry_at) if w != math.inf]
+            heapq.heapify(timers)
+        self._timer_seq += 1  # ties go in the order the requests were made
+        heapq.heappush(timers, (request.retry_at, self._timer_seq, message.request_id))
+        heapq.heappush(timers, (request.deadline, self._timer_seq, message.request_id))
         self._send(peer, message, now)
         return True
 
