@@ -35,11 +35,13 @@ from .errors import (
     KeyFileError,
     LookupTimeoutError,
     MalformedRecordError,
+    PeerCacheError,
     RecordError,
     RecordExpiredError,
     RecordFromFutureError,
     RecordTooLargeError,
     SovereignDiscoveryError,
+    WrongThreadError,
 )
 from .identity import (
     Identity,
@@ -60,6 +62,7 @@ from .events import (
 )
 from .keys import KERNEL, KERNEL_REASON, Distance, KeyspaceIndex, NodeId, bucket_index, distance
 from .node import DhtConfig, DhtEngine
+from .peer_cache import CachedPeer, PeerCache, PutResult, SetAside
 from .records import PeerRecord
 from .routing import (
     Contact,
@@ -92,6 +95,11 @@ __all__ = [
     "bucket_index",
     "Address",
     "PeerRecord",
+    # the peer cache
+    "PeerCache",
+    "CachedPeer",
+    "PutResult",
+    "SetAside",
     # routing
     "Contact",
     "RoutingTable",
@@ -145,6 +153,8 @@ __all__ = [
     "EndpointError",
     "LookupTimeoutError",
     "BootstrapError",
+    "PeerCacheError",
+    "WrongThreadError",
     "KernelUnavailableError",
     "KernelFallbackWarning",
 ]

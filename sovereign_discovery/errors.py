@@ -25,6 +25,13 @@ Running nodes
     :class:`TimeoutError`) when a lookup's deadline cut it short with no result; its ``closest``
     holds the best partial result. :class:`BootstrapError` when no bootstrap contact answered.
 
+The peer cache
+    :class:`PeerCacheError` (also an :class:`OSError`) when the cache file or its directory
+    cannot be used (permissions, missing directory, disk full, locked by another process); its
+    ``path`` names it. A *corrupt* cache raises nothing: it is set aside and replaced.
+    :class:`WrongThreadError` (also a :class:`RuntimeError`) when a cache is used from a thread
+    other than the one that opened it.
+
 The C kernel
     :class:`KernelUnavailableError` (also an :class:`ImportError`) when the C extension is required
     by ``SOVEREIGN_DISCOVERY_REQUIRE_C=1`` but cannot be loaded. :class:`KernelFallbackWarning` (a
@@ -52,6 +59,8 @@ __all__ = [
     "EndpointError",
     "LookupTimeoutError",
     "BootstrapError",
+    "PeerCacheError",
+    "WrongThreadError",
 ]
 
 
@@ -138,6 +147,25 @@ class LookupTimeoutError(SovereignDiscoveryError, TimeoutError):
 
 class BootstrapError(SovereignDiscoveryError):
     """No bootstrap contact answered (unreachable, or not holding the pinned key)."""
+
+
+# --- the peer cache ----------------------------------------------------------------------------
+
+
+class PeerCacheError(SovereignDiscoveryError, OSError):
+    """The peer cache file or its directory cannot be used: permissions, a missing directory, a
+    directory where the file should be, disk full, an I/O error, or another process holding the
+    cache. ``path`` names the file (or directory) at fault. Never raised for a *corrupt* file:
+    that is set aside and replaced by an empty cache."""
+
+    def __init__(self, message: str, *, path: object) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class WrongThreadError(SovereignDiscoveryError, RuntimeError):
+    """A peer cache was used from a thread other than the one that opened it (its SQLite
+    connection belongs to that thread)."""
 
 
 # --- the C kernel ------------------------------------------------------------------------------
