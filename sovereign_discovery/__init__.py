@@ -11,6 +11,15 @@ from __future__ import annotations
 
 from .addresses import Address
 from .aio import DhtNode
+from .bootstrap import (
+    BootstrapAnswered,
+    BootstrapEvent,
+    BootstrapFinished,
+    BootstrapLayer,
+    BootstrapRejected,
+    BootstrapRetry,
+    BootstrapUnreachable,
+)
 from .config import (
     BootstrapConfig,
     Config,
@@ -124,6 +133,14 @@ __all__ = [
     "ContactAdded",
     "ContactRemoved",
     "ExternalAddressChanged",
+    # the bootstrap layer
+    "BootstrapLayer",
+    "BootstrapEvent",
+    "BootstrapAnswered",
+    "BootstrapRejected",
+    "BootstrapUnreachable",
+    "BootstrapRetry",
+    "BootstrapFinished",
     # configuration
     "Config",
     "NodeConfig",

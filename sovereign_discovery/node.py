@@ -401,6 +401,11 @@ class DhtEngine:
         return self._table
 
     @property
+    def session(self) -> SessionLayer:
+        """The session layer (read it: ``has_session``, ``stats``; the engine alone drives it)."""
+        return self._session
+
+    @property
     def store(self) -> RecordStore:
         return self._store
 
