@@ -11,24 +11,6 @@ from __future__ import annotations
 
 from .addresses import Address
 from .aio import DhtNode
-from .bootstrap import (
-    BootstrapAnswered,
-    BootstrapEvent,
-    BootstrapFinished,
-    BootstrapLayer,
-    BootstrapRejected,
-    BootstrapRetry,
-    BootstrapUnreachable,
-)
-from .config import (
-    BootstrapConfig,
-    Config,
-    ConfigError,
-    ConfigTypeError,
-    DhtSettings,
-    LocalConfig,
-    NodeConfig,
-)
 from .constants import DEFAULT_BUCKET_SIZE, MAX_DATAGRAM_BYTES, MAX_RECORD_BYTES
 from .errors import (
     ArgumentTypeError,
@@ -71,7 +53,6 @@ from .events import (
 )
 from .keys import KERNEL, KERNEL_REASON, Distance, KeyspaceIndex, NodeId, bucket_index, distance
 from .node import DhtConfig, DhtEngine
-from .peer_cache import CachedPeer, PeerCache, PutResult, SetAside
 from .records import PeerRecord
 from .routing import (
     Contact,
@@ -85,6 +66,32 @@ from .routing import (
     RoutingTable,
     Updated,
 )
+
+# The layers a long-running node uses (configuration, bootstrap layer, peer cache) load on first
+# use (PEP 562): a script that only looks up records does not pay for tomllib, sqlite3 and them.
+_LAZY = {
+    **dict.fromkeys(("BootstrapLayer", "BootstrapEvent", "BootstrapAnswered", "BootstrapRejected",
+                     "BootstrapUnreachable", "BootstrapRetry", "BootstrapFinished"), "bootstrap"),
+    **dict.fromkeys(("Config", "NodeConfig", "BootstrapConfig", "LocalConfig", "DhtSettings",
+                     "ConfigError", "ConfigTypeError"), "config"),
+    **dict.fromkeys(("PeerCache", "CachedPeer", "PutResult", "SetAside"), "peer_cache"),
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sovereign_discovery' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __version__ = "0.1.0"
 

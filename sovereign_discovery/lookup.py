@@ -112,14 +112,16 @@ def _seconds(name: str, value: object) -> float:
     return value
 
 
-def _now(value: object) -> float:
+def check_now(value: object, name: str = "now") -> float:
+    """``value`` as a float of monotonic seconds; a caller error naming ``name`` if it is not a
+    finite number (the lookup and the engine take ``now`` this way)."""
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise ArgumentTypeError(
-            f"now must be a number (monotonic seconds), not {type(value).__name__}"
+            f"{name} must be a number (monotonic seconds), not {type(value).__name__}"
         )
     value = float(value)
     if not math.isfinite(value):
-        raise ArgumentValueError(f"now must be finite, not {value}")
+        raise ArgumentValueError(f"{name} must be finite, not {value}")
     return value
 
 
@@ -280,7 +282,7 @@ class Lookup:
             self._timeout: Callable[[Contact], float] | float = request_timeout_s
         else:
             self._timeout = _seconds("request_timeout_s", request_timeout_s)
-        now = _now(now)
+        now = check_now(now)
         self._deadline = now + params.deadline_s
         # Candidates, nearest first: distances (for bisect) and peers, index for index.
         self._distances: list[int] = []
@@ -410,7 +412,7 @@ class Lookup:
         """Apply timeouts and the deadline, and return the peers to send a request to *now*
         (they are IN_FLIGHT from here on; ≤ α are in flight in all). Call it after every event
         and at :meth:`next_deadline`. Empty once finished."""
-        now = _now(now)
+        now = check_now(now)
         if self._expired(now):
             return []
         for node_id, peer in list(self._in_flight.items()):
@@ -433,7 +435,7 @@ class Lookup:
             )
         closer = list(closer)
         self._check_contacts("closer", closer)
-        now = _now(now)
+        now = check_now(now)
         if self._expired(now):
             return
         peer = self._peers.get(peer_id)
@@ -461,7 +463,7 @@ class Lookup:
         answer). Final: a later answer from it is ignored. No effect on a peer not in flight or
         unresponsive."""
         peer_id = _node_id("peer_id", peer_id)
-        now = _now(now)
+        now = check_now(now)
         if self._expired(now):
             return
         peer = self._peers.get(peer_id)

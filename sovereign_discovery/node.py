@@ -76,6 +76,7 @@ from .events import (
 from .identity import Identity
 from .keys import NodeId, check_node_id
 from .lookup import Lookup, LookupParams
+from .lookup import check_now as _check_now
 from .record_store import RecordStore
 from .records import PeerRecord, check_capability
 from .routing import Contact, Inserted, Pending, RoutingTable
@@ -282,15 +283,6 @@ class _TokenBucket:
             self.tokens -= 1.0
             return True
         return False
-
-
-def _check_now(value: object, name: str = "now") -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ArgumentTypeError(f"{name} must be a number (monotonic seconds), not {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ArgumentValueError(f"{name} must be finite, not {value}")
-    return value
 
 
 def _check_deadline(value: object) -> float | None:
@@ -863,8 +855,7 @@ class DhtEngine:
             self._sent["nodes"] += 1
             self._queue_out(self._session.send(peer, encode_nodes_answer(rid, contacts), now))
             return
-        for piece in split_nodes(rid, [c for c in contacts if not c.address.ip.version == 6
-                                       or not c.address.ip.scope_id]):
+        for piece in split_nodes(rid, contacts):
             self._send(peer, piece, now)
 
     # --- requests ------------------------------------------------------------------------------------

@@ -592,20 +592,25 @@ class SessionLayer:
         self._count(reason)
         return self._challenge(src_id, source, nonce, now)
 
+    def _may_send(self, source: Address, size: int) -> bool:
+        """Anti-amplification (RFC 9000 §8): to an address without a session, at most
+        ``amplification_factor`` times the bytes received from it. Counts ``size`` if allowed."""
+        if source in self._session_ids_at:
+            return True
+        counts = self._unvalidated.get(source)
+        if counts is None or counts[1] + size > self._limits.amplification_factor * counts[0]:
+            return False
+        counts[1] += size
+        return True
+
     def _send_challenge(self, source: Address, packet: bytes) -> Received:
-        if source not in self._session_ids_at:  # anti-amplification, RFC 9000 §8
-            counts = self._unvalidated.get(source)
-            if counts is None or counts[1] + len(packet) > self._limits.amplification_factor * counts[0]:
-                return self._drop("amplification_limited", source)
-            counts[1] += len(packet)
+        if not self._may_send(source, len(packet)):
+            return self._drop("amplification_limited", source)
         return Received((), (self._out(source, packet),))
 
     def _challenge(self, src_id: bytes, source: Address, nonce: bytes, now: float) -> Received:
-        if source not in self._session_ids_at:  # anti-amplification, RFC 9000 §8
-            counts = self._unvalidated.get(source)
-            if counts is None or counts[1] + _WHOAREYOU_BYTES > self._limits.amplification_factor * counts[0]:
-                return self._drop("amplification_limited", source)
-            counts[1] += _WHOAREYOU_BYTES
+        if not self._may_send(source, _WHOAREYOU_BYTES):
+            return self._drop("amplification_limited", source)
         seq = self._record_seq(src_id)
         if not isinstance(seq, int) or not 0 <= seq <= _MAX_COUNTER:
             seq = 0

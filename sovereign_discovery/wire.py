@@ -256,10 +256,10 @@ class Nodes:
             items = tuple(contacts)
         if len(items) > MAX_NODES_PER_MESSAGE:
             raise ArgumentValueError(f"contacts: at most {MAX_NODES_PER_MESSAGE}, got {len(items)}")
-        for contact in items:
+        for i, contact in enumerate(items):
             # A contact encoded once (cached) is encodable: only new ones need the address check.
             if type(contact) is not Contact or contact._encoded is None:
-                _check_contact(items.index(contact), contact)
+                _check_contact(i, contact)
         _set(self, "contacts", items)
 
 
@@ -694,15 +694,25 @@ def encode_nodes_answer(request_id: bytes, contacts: list[Contact]) -> bytes:
     try:
         body = b"".join([c._encoded or c.encode() for c in contacts])
     except ArgumentValueError:  # a zoned address
-        contacts = [c for c in contacts if not (c.address.ip.version == 6 and c.address.ip.scope_id)]
+        contacts = _without_zoned(contacts)
         body = b"".join([c.encode() for c in contacts])
     return _WITH_COUNTS.pack(0x04, _check_request_id(request_id), 1, len(contacts)) + body
 
 
+def _without_zoned(contacts) -> list:
+    """``contacts`` less those with a zoned (link-local) address, which mean nothing elsewhere;
+    anything that is not a Contact is kept, for the Nodes constructor to refuse by name."""
+    return [c for c in contacts
+            if not (isinstance(c, Contact) and c.address.ip.version == 6 and c.address.ip.scope_id)]
+
+
 def split_nodes(request_id: bytes, contacts: Iterable[Contact]) -> list[Nodes]:
     """Pack ``contacts`` (at most 16 x 20) in order into NODES messages carrying the right
-    ``total``. No contacts give one empty NODES message."""
-    items = tuple(contacts)
+    ``total``. No contacts give one empty NODES message. Contacts with a zoned (link-local)
+    address are left out, as by :func:`encode_nodes_answer`."""
+    if isinstance(contacts, (str, bytes)) or not isinstance(contacts, Iterable):
+        raise ArgumentTypeError(f"contacts must be an iterable of Contact, not {type(contacts).__name__}")
+    items = tuple(_without_zoned(contacts))
     step = MAX_NODES_PER_MESSAGE
     if len(items) <= step:  # k = 20 fits one message
         return [Nodes(request_id, 1, items)]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import socket
 from dataclasses import dataclass
 
 from sovereign_discovery.addresses import Address
@@ -26,3 +28,18 @@ def brute_closest(entries, target: bytes, count: int) -> list:
     """The oracle: a full scan sorted by XOR distance."""
     goal = int.from_bytes(target, "big")
     return sorted(entries, key=lambda e: int.from_bytes(e.node_id, "big") ^ goal)[:count]
+
+
+def has_ipv6_loopback() -> bool:
+    """Whether ::1 can be bound here (IPv6 tests skip, saying why, where it cannot)."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def run_bounded(coro, timeout: float):
+    """Run ``coro`` on a fresh loop, failing it (not hanging) after ``timeout`` seconds."""
+    return asyncio.run(asyncio.wait_for(coro, timeout))

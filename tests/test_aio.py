@@ -31,6 +31,8 @@ from sovereign_discovery import (
 )
 from sovereign_discovery.node import DROP_REASONS
 
+from .helpers import has_ipv6_loopback, run_bounded
+
 #: Bound of one test (the slowest waits out a 2 s bootstrap request timeout).
 TIMEOUT_S = 8.0
 #: A lookup deadline shorter than any request timeout (2 × the 0.25 s minimum RTO): a lookup that
@@ -39,20 +41,10 @@ SHORT_DEADLINE_S = 0.3
 
 
 def run(coro, timeout: float = TIMEOUT_S):
-    """Run ``coro`` on a fresh loop, failing it (not hanging) after ``timeout`` seconds."""
-    return asyncio.run(asyncio.wait_for(coro, timeout))
+    return run_bounded(coro, timeout)
 
 
-def _has_ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
-            probe.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
-needs_ipv6 = pytest.mark.skipif(not _has_ipv6_loopback(), reason="::1 cannot be bound here (no IPv6 loopback)")
+needs_ipv6 = pytest.mark.skipif(not has_ipv6_loopback(), reason="::1 cannot be bound here (no IPv6 loopback)")
 
 
 def _port_is_free(address: Address) -> bool:
@@ -154,7 +146,7 @@ def test_a_failed_start_releases_the_sockets_already_bound():
             with pytest.raises(ClosedError):
                 node.stats()
 
-    if not _has_ipv6_loopback():
+    if not has_ipv6_loopback():
         pytest.skip("::1 cannot be bound here (no IPv6 loopback)")
     run(main())
 

@@ -23,6 +23,8 @@ from sovereign_discovery.bootstrap import (
     BootstrapUnreachable,
 )
 
+from .helpers import run_bounded
+
 #: Bound of one test.
 TIMEOUT_S = 8.0
 #: One attempt's deadline: far above a loopback round trip, far below the 1 s initial RTO.
@@ -30,7 +32,7 @@ ATTEMPT_S = 0.4
 
 
 def run(coro, timeout: float = TIMEOUT_S):
-    return asyncio.run(asyncio.wait_for(coro, timeout))
+    return run_bounded(coro, timeout)
 
 
 def dead_contact() -> Contact:

@@ -11,16 +11,11 @@ from sovereign_discovery import Address
 from sovereign_discovery.errors import ArgumentValueError, ClosedError, EndpointError
 from sovereign_discovery.udp import UdpEndpoint
 
+from .helpers import has_ipv6_loopback
+
 TIMEOUT_S = 5.0
 
 
-def _has_ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
-            probe.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
 
 
 class Inbox:
@@ -41,7 +36,7 @@ class Inbox:
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", pytest.param("::1", marks=pytest.mark.skipif(
-    not _has_ipv6_loopback(), reason="no IPv6 loopback here"))])
+    not has_ipv6_loopback(), reason="no IPv6 loopback here"))])
 def test_two_endpoints_exchange_datagrams(host):
     async def main() -> None:
         inbox_a, inbox_b = Inbox(), Inbox()
