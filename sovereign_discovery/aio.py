@@ -44,6 +44,7 @@ from .errors import (
 from .events import (
     Event,
     LookupFinished,
+    PingFinished,
     ProvidersFound,
     QueryId,
     RecordAnnounced,
@@ -62,6 +63,8 @@ _log = logging.getLogger(__name__)
 
 #: Which event ends each kind of call (the others end with LookupFinished alone).
 _FINAL_EVENT = {"find_record": RecordFound, "find_providers": ProvidersFound, "announce": RecordAnnounced}
+#: Direct requests: no lookup, one event ends the call.
+_DIRECT_EVENT = {"ping": PingFinished, "fetch_record": RecordFound}
 
 
 def _bound_text(endpoint: UdpEndpoint) -> str:
@@ -319,6 +322,23 @@ class DhtNode:
             raise LookupTimeoutError(f"provider lookup of {capability!r} timed out", closest=finished.closest)
         return list(found.records)
 
+    async def ping(self, contact: Contact | str) -> float | None:
+        """PING ``contact`` (a :class:`Contact` or a pinned line) over an authenticated session:
+        the round-trip time in seconds if it answered (it then holds its key at that address and
+        is in the routing table), else None. Takes at most about twice the request timeout."""
+        engine = self._open_engine()
+        contact = Contact.parse(contact) if isinstance(contact, str) else contact
+        finished = await self._call("ping", engine.ping(contact, self._now()))
+        return finished.rtt_s if finished.answered else None
+
+    async def fetch_record(self, contact: Contact | str) -> PeerRecord | None:
+        """Ask ``contact`` directly for its own signed record (one FIND_VALUE): the verified
+        record, or None if it did not answer or holds none. See :meth:`find_record` to search."""
+        engine = self._open_engine()
+        contact = Contact.parse(contact) if isinstance(contact, str) else contact
+        found = await self._call("fetch_record", engine.fetch_record(contact, self._now()))
+        return found.record
+
     async def announce(self, *, deadline_s: float | None = None) -> int:
         """Sign a new own record and STORE it at the k closest peers of the own ID (and keep it
         published: it is re-signed and stored again at half its TTL). Returns how many stored
@@ -399,6 +419,11 @@ class DhtNode:
         query = getattr(event, "query", None)
         call = self._calls.get(query) if query is not None else None
         if call is None:
+            return
+        direct = _DIRECT_EVENT.get(call.kind)
+        if direct is not None:
+            if isinstance(event, direct):
+                self._resolve(query, event)
             return
         if isinstance(event, LookupFinished):
             final = _FINAL_EVENT.get(call.kind)

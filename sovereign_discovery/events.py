@@ -5,7 +5,9 @@ Every command that starts a lookup returns a query ID at once; the events carryi
 how it ended. A lookup command (``find_node``, ``find_record``, ``find_providers``,
 ``announce_record``, ``announce_capability``, ``bootstrap``) always ends with one
 :class:`LookupFinished`; the commands with a result of their own then add exactly one
-:class:`RecordFound`, :class:`ProvidersFound` or :class:`RecordAnnounced` with the same ID.
+:class:`RecordFound`, :class:`ProvidersFound` or :class:`RecordAnnounced` with the same ID. The
+direct requests are not lookups: ``ping`` ends with one :class:`PingFinished`, ``fetch_record``
+with one :class:`RecordFound`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ __all__ = [
     "RecordFound",
     "ProvidersFound",
     "RecordAnnounced",
+    "PingFinished",
     "ContactAdded",
     "ContactRemoved",
     "ExternalAddressChanged",
@@ -80,6 +83,18 @@ class RecordAnnounced(Event):
 
     query: QueryId
     stored_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class PingFinished(Event):
+    """``ping`` ended: ``contact`` answered over an authenticated session (``rtt_s`` from the
+    first send, ``record_seq`` the seq of the record it holds, 0 for none) or not (both None)."""
+
+    query: QueryId
+    contact: Contact
+    answered: bool
+    rtt_s: float | None
+    record_seq: int | None
 
 
 @dataclass(frozen=True, slots=True)

@@ -68,6 +68,7 @@ from .events import (
     Event,
     ExternalAddressChanged,
     LookupFinished,
+    PingFinished,
     ProvidersFound,
     QueryId,
     RecordAnnounced,
@@ -283,6 +284,12 @@ class _TokenBucket:
             self.tokens -= 1.0
             return True
         return False
+
+
+def _check_contact(value: object) -> Contact:
+    if not isinstance(value, Contact):
+        raise ArgumentTypeError(f"contact must be a Contact, not {type(value).__name__}")
+    return value
 
 
 def _check_deadline(value: object) -> float | None:
@@ -546,6 +553,37 @@ class DhtEngine:
                     query.pending += 1
         if query.pending == 0:
             self._finish_bootstrap_failed(query)
+        return query.id
+
+    def ping(self, contact: Contact, now: float) -> QueryId:
+        """PING ``contact`` over an authenticated session (one request and its retry). An answer
+        proves the contact holds its key at its address, and puts it in the routing table, as
+        any accepted answer does. Ends with :class:`PingFinished`."""
+        contact = _check_contact(contact)
+        now = _check_now(now)
+        query = self._new_query("ping", contact.node_id)
+        if contact.node_id == self._id or not self._request(
+                contact, Ping(self._request_id(), self._own_seq()), (Pong,), now,
+                partial(self._on_ping_answer, query.id, contact, now), self.rto(contact.node_id)):
+            self._queries.pop(query.id, None)
+            self._events.append(PingFinished(query.id, contact, False, None, None))
+        return query.id
+
+    def fetch_record(self, contact: Contact, now: float) -> QueryId:
+        """Ask ``contact`` itself for its own record: one FIND_VALUE of its node ID sent to it
+        (a node keeps its own signed record in its store). Cheaper than :meth:`find_record` when
+        the peer is known; the answer must be a valid record of that very key. Ends with
+        :class:`RecordFound` alone (no lookup runs); its record is None if the peer sent none."""
+        contact = _check_contact(contact)
+        now = _check_now(now)
+        query = self._new_query("fetch_record", contact.node_id)
+        if contact.node_id == self._id:
+            self._queries.pop(query.id, None)
+            self._events.append(RecordFound(query.id, contact.node_id, self._own_record))
+        elif not self._request(contact, FindValue(self._request_id(), contact.node_id), (Value, Nodes), now,
+                               partial(self._on_fetch_answer, query.id, contact), self.rto(contact.node_id)):
+            self._queries.pop(query.id, None)
+            self._events.append(RecordFound(query.id, contact.node_id, None))
         return query.id
 
     def find_node(self, target: bytes, now: float, *, deadline_s: float | None = None) -> QueryId:
@@ -1100,6 +1138,28 @@ class DhtEngine:
 
     def _own_seq(self) -> int:
         return self._own_record.seq if self._own_record is not None else 0
+
+    # --- direct requests -----------------------------------------------------------------------------
+
+    def _on_ping_answer(self, query_id: QueryId, contact: Contact, sent_at: float,
+                        parts: list | None, now: float) -> None:
+        if self._queries.pop(query_id, None) is None:
+            return
+        if parts is None:
+            self._events.append(PingFinished(query_id, contact, False, None, None))
+        else:
+            self._events.append(PingFinished(query_id, contact, True, now - sent_at, parts[0].record_seq))
+
+    def _on_fetch_answer(self, query_id: QueryId, contact: Contact, parts: list | None, now: float) -> None:
+        if self._queries.pop(query_id, None) is None:
+            return
+        record = None
+        if parts is not None and isinstance(parts[0], Value):
+            record = self._verify(parts[0].record, now)
+            if record is not None and record.node_id != contact.node_id:
+                self._drop("invalid_record_received", "VALUE for another key from %s", contact)
+                record = None
+        self._events.append(RecordFound(query_id, contact.node_id, record))
 
     # --- bootstrap -----------------------------------------------------------------------------------
 

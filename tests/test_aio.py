@@ -623,3 +623,42 @@ def test_on_event_receives_contact_added_and_its_exceptions_do_not_break_the_nod
         run(main())
     assert "on_event callback raised" in caplog.text
     assert "callback bug" in caplog.text
+
+
+# --- direct requests ----------------------------------------------------------------------------
+
+
+def test_ping_proves_the_key_and_puts_the_peer_in_the_table():
+    async def main() -> None:
+        async with DhtNode(Identity.generate()) as a, DhtNode(Identity.generate()) as b:
+            assert len(a.engine.table) == 0
+            rtt = await a.ping(b.contact)
+            assert rtt is not None and 0 < rtt < 2.0
+            assert b.node_id in a.engine.table and a.node_id in b.engine.table
+            # the same address under a key nobody there holds: no answer, nothing enters
+            impostor = Contact(Identity.generate().public_key, b.address)
+            assert await a.ping(impostor.pinned) is None
+            assert impostor.node_id not in a.engine.table
+            with silent_socket() as silent:
+                assert await a.ping(silent) is None
+            assert await a.ping(a.contact) is None  # never itself
+            with pytest.raises(ArgumentTypeError):
+                await a.ping(b"not a contact")
+
+    run(main())
+
+
+def test_fetch_record_asks_the_peer_for_its_own_verified_record():
+    async def main() -> None:
+        async with DhtNode(Identity.generate()) as a, DhtNode(Identity.generate()) as b:
+            assert await a.fetch_record(b.contact) is None  # b has signed no record yet
+            await b.announce()
+            record = await a.fetch_record(b.contact)
+            assert record is not None and record == b.record and record.node_id == b.node_id
+            assert (await a.fetch_record(a.contact)) is None  # a announced nothing
+            await a.announce()
+            assert await a.fetch_record(a.contact) == a.record  # itself: the own record, no request
+            with silent_socket() as silent:
+                assert await a.fetch_record(silent) is None
+
+    run(main())
