@@ -57,6 +57,7 @@ from .constants import (
 from .errors import ArgumentTypeError, ArgumentValueError
 from .node import DhtConfig
 from .routing import Contact
+from .records import check_capability
 
 __all__ = [
     "Config",
@@ -431,6 +432,15 @@ def _ip_item(value: object, where: _Where, n: int) -> str:
     return str(ip)
 
 
+def _capability_item(value: object, where: _Where, n: int) -> str:
+    if not isinstance(value, str):
+        raise where.type_error(f"an array of capability names (entry {n} is not)", value)
+    try:
+        return check_capability(value)
+    except (ArgumentValueError, ArgumentTypeError) as exc:
+        raise where.error(f"entry {n} is not a capability name ({exc})", value) from None
+
+
 def _check_listen_hosts(hosts: tuple, where: _Where) -> None:
     if not hosts:
         raise where.error("needs at least one address to bind (0.0.0.0 or :: for every interface)", [])
@@ -577,6 +587,10 @@ class NodeConfig:
         "Address of the HTTP status endpoint (/peers, /stats, /metrics, /healthz). A bare PORT "
         "binds 127.0.0.1. Not set: no endpoint."))
     log_level: str = _setting("INFO", _Choice(LOG_LEVELS), "Logging threshold of the command-line tool.")
+    capabilities: tuple[str, ...] = _setting((), _List(
+        _capability_item, str, "list of capability names", check_all=_check_unique), (
+        "Capabilities the node announces (its record lists them; others find it with "
+        "`find --capability`)."))
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -696,6 +710,10 @@ class DhtSettings:
 
     SECTION: ClassVar[str] = "dht"
 
+    enabled: bool = _setting(True, _Bool(), (
+        "Take part in the DHT: announce the own record, look up peers the table does not hold, "
+        "list routing-table peers. Off: the node only answers, and finds peers through the "
+        "bootstrap and local layers."))
     k: int = _setting(DEFAULT_BUCKET_SIZE, _Int(1, MAX_BUCKET_SIZE),
                       "Kademlia's k (paper §2.2): bucket size, and how many closest peers a lookup"
                       " seeks and a record is stored at.")

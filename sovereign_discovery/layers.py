@@ -1,0 +1,96 @@
+"""The interface between the coordinator and a local discovery layer (mDNS, Bluetooth LE), so
+that layers come and go without the coordinator knowing how they work (docs/coordinator.md,
+"Writing a local layer").
+
+A layer is an object with a ``name`` (its source name in the peer table: ``"mdns"`` or ``"ble"``)
+and three methods::
+
+    async def start(self, context: LayerContext) -> None   # running when it returns
+    async def close(self) -> None                          # goodbyes sent, tasks ended; idempotent
+    def stats(self) -> dict                                # counters, JSON-able
+
+``start`` raises :class:`LayerUnavailable` with a reason a user can act on ("no Bluetooth
+adapter", "python-zeroconf is not installed: pip install 'sovereign-discovery[mdns]'") when the
+layer cannot run here; the coordinator reports it and the other layers keep running.
+
+A layer reports what it sees through the :class:`LayerContext` the coordinator gives it:
+:meth:`LayerContext.peer_seen` with a *verified* :class:`~sovereign_discovery.records.PeerRecord`
+(decode untrusted bytes with ``PeerRecord.decode``; never build trust on an unverified field),
+and :meth:`LayerContext.peer_gone` when the peer said goodbye or stopped answering. The context
+also tells the layer the node's own record, and when it changes (re-announce then).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
+
+from .addresses import Address
+from .errors import SovereignDiscoveryError
+from .identity import Identity
+from .peer_table import PeerInfo
+from .records import PeerRecord
+
+__all__ = ["LocalLayer", "LayerContext", "LayerUnavailable"]
+
+
+class LayerUnavailable(SovereignDiscoveryError):
+    """A layer cannot run on this machine; ``reason`` says why, in words a user can act on."""
+
+    def __init__(self, layer: str, reason: str) -> None:
+        super().__init__(f"{layer} unavailable: {reason}")
+        self.layer = layer
+        self.reason = reason
+
+
+@runtime_checkable
+class LocalLayer(Protocol):
+    name: str
+
+    async def start(self, context: "LayerContext") -> None: ...
+
+    async def close(self) -> None: ...
+
+    def stats(self) -> dict: ...
+
+
+class LayerContext(ABC):
+    """What the coordinator offers a layer. Every method is called on the event loop's thread and
+    never raises because of what the layer passes (mistakes are logged and counted)."""
+
+    @property
+    @abstractmethod
+    def identity(self) -> Identity:
+        """The node's identity (a layer may sign with it, e.g. a rotating BLE token)."""
+
+    @property
+    @abstractmethod
+    def own_record(self) -> PeerRecord | None:
+        """The node's current signed record (None until it has one)."""
+
+    @abstractmethod
+    def on_own_record_changed(self, callback: Callable[[PeerRecord], None]) -> None:
+        """Call ``callback`` with the own record now (if there is one yet) and with each new one
+        (a layer re-announces then)."""
+
+    @abstractmethod
+    def peer_seen(self, record: PeerRecord, *, address: Address | None = None, rssi: int | None = None,
+                  check_reachable: bool = True) -> None:
+        """The layer saw the peer of ``record`` (verified) at ``address`` (where it saw it, if it
+        knows), with signal strength ``rssi`` (dBm, BLE). With ``check_reachable`` the coordinator
+        first PINGs the peer over an authenticated session (at ``address``, else the record's
+        addresses) and reports it only if it answers; the answer also puts it in the DHT routing
+        table. Sightings are rate-limited per peer and bounded in number."""
+
+    @abstractmethod
+    def peer_gone(self, node_id: bytes) -> None:
+        """The layer no longer sees the peer (goodbye, or failed liveness checks)."""
+
+    @abstractmethod
+    def known_peer(self, node_id: bytes) -> PeerInfo | None:
+        """The peer table's entry for ``node_id`` (e.g. to resolve a BLE hash without a GATT read)."""
+
+    @abstractmethod
+    def known_peers(self) -> list[PeerInfo]:
+        """Every peer-table entry, local first."""
