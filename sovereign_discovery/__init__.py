@@ -2,7 +2,8 @@
 
 Peers are Ed25519 keys; contact information is a signed, self-certifying :class:`PeerRecord`; the
 Kademlia :class:`RoutingTable` finds the peers closest to any ID, its hot path in a C kernel with a
-pure-Python twin. :class:`DhtNode` is the asyncio DHT node over authenticated UDP; it runs the
+pure-Python twin. :class:`PeerDiscoveryCoordinator` is what an application runs: the bootstrap,
+local and DHT layers merged into one peer table. :class:`DhtNode` is the asyncio DHT node over authenticated UDP; it runs the
 sans-IO :class:`DhtEngine`, which :class:`sovereign_discovery.testing.SimulatedNetwork` runs too. ``KERNEL`` says which kernel is active (``"c"`` or ``"python"``) and
 ``KERNEL_REASON`` why. Exceptions are listed in :mod:`sovereign_discovery.errors`.
 """
@@ -76,6 +77,11 @@ _LAZY = {
     **dict.fromkeys(("Config", "NodeConfig", "BootstrapConfig", "LocalConfig", "DhtSettings",
                      "ConfigError", "ConfigTypeError"), "config"),
     **dict.fromkeys(("PeerCache", "CachedPeer", "PutResult", "SetAside"), "peer_cache"),
+    **dict.fromkeys(("PeerDiscoveryCoordinator", "DiscoveryEvent", "PeerDiscovered", "PeerUpdated",
+                     "PeerLost", "LayerStateChanged"), "coordinator"),
+    **dict.fromkeys(("PeerInfo", "PeerTable"), "peer_table"),
+    **dict.fromkeys(("LocalLayer", "LayerContext", "LayerUnavailable"), "layers"),
+    **dict.fromkeys(("StatusServer", "StatusClientError"), "status_http"),
 }
 
 
@@ -142,6 +148,20 @@ __all__ = [
     "ContactAdded",
     "ContactRemoved",
     "ExternalAddressChanged",
+    # the coordinator
+    "PeerDiscoveryCoordinator",
+    "PeerInfo",
+    "PeerTable",
+    "DiscoveryEvent",
+    "PeerDiscovered",
+    "PeerUpdated",
+    "PeerLost",
+    "LayerStateChanged",
+    "LocalLayer",
+    "LayerContext",
+    "LayerUnavailable",
+    "StatusServer",
+    "StatusClientError",
     # the bootstrap layer
     "BootstrapLayer",
     "BootstrapEvent",

@@ -1,7 +1,7 @@
 """The ``sovereign-discovery`` command line (issue 4, item 5; docs/cli.md).
 
-Subcommands so far: ``keygen``, ``id``, ``lookup`` and ``find``. ``node`` and ``peers`` come with
-the coordinator and the status endpoint.
+Subcommands: ``keygen``, ``id``, ``node`` (a long-running node: the coordinator, its peer cache
+and status endpoint), ``lookup``, ``find``, and ``peers`` (asks a running node's status endpoint).
 
 Every problem a user can cause (a malformed ``--bootstrap`` line, an unreadable or group-readable
 key file, a pinned key that does not match, a record not found) ends with one line on stderr naming
@@ -15,12 +15,13 @@ import argparse
 import asyncio
 import json
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 
 from .aio import DhtNode
 from .bootstrap import BootstrapLayer
-from .config import BootstrapConfig
+from .config import BootstrapConfig, Config, ConfigError
 from .errors import SovereignDiscoveryError
 from .identity import Identity, encode_public_key
 from .keys import NodeId
@@ -178,7 +179,147 @@ async def _find(args: argparse.Namespace) -> int:
     return 0 if records else EXIT_NOT_FOUND
 
 
+# --- node ----------------------------------------------------------------------------------------------
+
+
+def _node_config(args: argparse.Namespace) -> Config:
+    """Defaults < --config FILE (or $SOVEREIGN_CONFIG) < SOVEREIGN_* variables < the flags."""
+    overrides: dict[str, object] = {}
+    names: dict[str, str] = {}
+
+    def flag(setting: str, value: object, name: str) -> None:
+        overrides[setting] = value
+        names[setting] = name
+
+    if args.key is not None:
+        flag("node.key_file", args.key, "--key")
+    if args.listen is not None:
+        host, _, port = args.listen.rpartition(":")
+        flag("dht.listen_host", host.strip("[]"), "--listen")
+        flag("dht.listen_port", port, "--listen")
+    if args.bootstrap:
+        flag("bootstrap.peers", ",".join(args.bootstrap), "--bootstrap")
+    if args.cache is not None:
+        flag("node.cache_file", args.cache, "--cache")
+    if args.http is not None:
+        flag("node.http", args.http, "--http")
+    if args.capability:
+        flag("node.capabilities", ",".join(args.capability), "--capability")
+    if args.no_mdns:
+        flag("local.mdns", False, "--no-mdns")
+    if args.no_ble:
+        flag("local.bluetooth", False, "--no-ble")
+    config = Config.load(args.config, overrides=overrides, override_names=names)
+    if config.node.key_file is None:
+        raise _Fail("a key file is needed: --key FILE (create one with 'sovereign-discovery keygen --out FILE')",
+                    EXIT_USAGE)
+    return config
+
+
+def _event_line(event: object) -> str | None:
+    """A log line for the peer-table events (the layers log their own: bootstrap outcomes, layers
+    unavailable)."""
+    from .coordinator import PeerDiscovered, PeerLost
+
+    if isinstance(event, PeerDiscovered):
+        caps = ", ".join(event.peer.record.capabilities) or "no capabilities"
+        return f"discovered {event.peer.node_id} via {event.source} ({caps})"
+    if isinstance(event, PeerLost):
+        return f"lost {event.peer.node_id} ({event.reason})"
+    return None
+
+
+async def _node(args: argparse.Namespace) -> int:
+    from .coordinator import PeerDiscoveryCoordinator
+
+    config = _node_config(args)
+    logging.getLogger().setLevel(args.log_level or config.node.log_level)
+    identity = Identity.load(config.node.key_file)
+    log = logging.getLogger("sovereign_discovery.node")
+
+    from .bootstrap import BootstrapRejected
+
+    refused: list[str] = []
+
+    def on_event(event: object) -> None:
+        if isinstance(event, BootstrapRejected):
+            refused.append(event.contact.pinned)
+        line = _event_line(event)
+        if line is not None:
+            log.info("%s", line)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    coordinator = PeerDiscoveryCoordinator(identity, config=config, on_event=on_event)
+    await coordinator.start()
+    server = None
+    try:
+        print(coordinator.node.contact.pinned, flush=True)
+        if config.node.http is not None:
+            from .status_http import StatusServer
+
+            server = StatusServer(coordinator, host=config.node.http.host, port=config.node.http.port)
+            await server.start()
+            print(f"status {server.url}", flush=True)
+        watch = asyncio.create_task(coordinator.joined())
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({watch, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if watch.done() and _refused_by_all(coordinator, refused):
+            stopping.cancel()
+            raise _Fail(f"pinned key mismatch: every bootstrap peer failed to prove its pinned key and no "
+                        f"other peer is known; nothing from them was trusted ({', '.join(refused)})")
+        await stopping
+        watch.cancel()
+        log.info("stopping: closing the layers and flushing the peer cache")
+    finally:
+        if server is not None:
+            await server.close()
+        await coordinator.close()
+    log.info("stopped cleanly")
+    return 0
+
+
+def _refused_by_all(coordinator, refused: list[str]) -> bool:
+    """Every bootstrap peer was refused for a key mismatch and nothing else filled the routing
+    table: a misconfiguration or a man in the middle, not a network problem — stop and say so."""
+    bootstrap = coordinator.stats()["bootstrap"]
+    return (bool(refused) and bootstrap["answered"] == 0 and bootstrap["unreachable"] == 0
+            and coordinator.health().get("table_size") == 0)
+
+
+# --- peers ---------------------------------------------------------------------------------------------
+
+
+def _peers(args: argparse.Namespace) -> int:
+    from urllib.parse import urlencode
+
+    from .status_http import fetch_json, format_peers
+
+    query = {k: v for k, v in (("capability", args.capability), ("source", args.source)) if v}
+    path = "/peers" + (f"?{urlencode(query)}" if query else "")
+    answer = fetch_json(args.http.host, args.http.port, path, timeout=args.timeout)
+    peers = answer.get("peers", [])
+    print(json.dumps(peers) if args.json else format_peers(peers))
+    return 0
+
+
 # --- parser ------------------------------------------------------------------------------------------
+
+
+def _pinned_text(text: str) -> str:
+    _contact(text)
+    return text
+
+
+def _http_address(text: str):
+    from .config import HostPort
+
+    try:
+        return HostPort.parse(text, setting="--http")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _listen(text: str) -> str:
@@ -192,9 +333,10 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sovereign-discovery",
         description="Decentralised peer discovery: keys, lookups and providers on the DHT.")
-    parser.add_argument("--log-level", default="WARNING",
+    parser.add_argument("--log-level", default=None, type=str.upper,
                         choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
-                        help="logging level on stderr (WARNING)")
+                        help="logging level on stderr (node: node.log_level of the configuration, INFO;"
+                             " the other commands: WARNING)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("keygen", help="create a private key file (mode 0600)")
@@ -205,6 +347,35 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--key", required=True, metavar="FILE")
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.set_defaults(run=_id)
+
+    p = sub.add_parser("node", help="run a node until SIGINT or SIGTERM (a bootstrap node: no --bootstrap)",
+                       description="Runs the coordinator: bootstrap, local and DHT layers, the peer cache "
+                                   "and the status endpoint. Prints its pinned line PUBLIC_KEY@HOST:PORT "
+                                   "first (and 'status URL' with --http). Flags override --config and "
+                                   "SOVEREIGN_* variables (docs/configuration.md).")
+    p.add_argument("--key", metavar="FILE", help="private key file (node.key_file)")
+    p.add_argument("--listen", type=_listen, metavar="HOST:PORT",
+                   help="UDP address to bind (dht.listen_host/listen_port; 127.0.0.1:0)")
+    p.add_argument("--bootstrap", action="append", type=_pinned_text, metavar="PK@HOST:PORT",
+                   help="a pinned bootstrap peer (repeatable; bootstrap.peers)")
+    p.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    p.add_argument("--cache", metavar="FILE", help="SQLite peer cache (node.cache_file)")
+    p.add_argument("--http", metavar="HOST:PORT", help="status endpoint address (node.http; loopback only "
+                                                          "unless you mean it)")
+    p.add_argument("--capability", action="append", type=_capability, metavar="NAME",
+                   help="a capability to announce (repeatable; node.capabilities)")
+    p.add_argument("--no-mdns", action="store_true", help="switch the mDNS layer off")
+    p.add_argument("--no-ble", action="store_true", help="switch the Bluetooth LE layer off")
+    p.set_defaults(run=_node)
+
+    p = sub.add_parser("peers", help="list the peers of a running node (its --http status endpoint)")
+    p.add_argument("--http", required=True, type=_http_address, metavar="HOST:PORT")
+    p.add_argument("--capability", type=_capability, metavar="NAME", help="only providers of NAME")
+    p.add_argument("--source", choices=["bootstrap", "cache", "dht", "mdns", "ble"],
+                   help="only peers this layer vouches for")
+    p.add_argument("--timeout", type=_positive, default=5.0, metavar="S", help="seconds (5)")
+    p.add_argument("--json", action="store_true", help="JSON output")
+    p.set_defaults(run=_peers)
 
     for name, helptext in (("lookup", "find a node's verified record by node ID"),
                            ("find", "find verified providers of a capability")):
@@ -227,7 +398,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level or "WARNING", format="%(levelname)s %(name)s: %(message)s")
     try:
         result = args.run(args)
         if asyncio.iscoroutine(result):
@@ -236,6 +407,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _Fail as exc:
         print(f"sovereign-discovery {args.command}: {exc}", file=sys.stderr)
         return exc.status
+    except ConfigError as exc:  # a bad setting in the file, the environment or a flag
+        print(f"sovereign-discovery {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except (SovereignDiscoveryError, OSError) as exc:  # key files, binding, …: one line
         print(f"sovereign-discovery {args.command}: {exc}", file=sys.stderr)
         return EXIT_FAILED

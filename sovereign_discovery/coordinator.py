@@ -36,6 +36,7 @@ import contextlib
 import ipaddress
 import logging
 import os
+import random
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -105,7 +106,7 @@ class PeerDiscovered(DiscoveryEvent):
 
 @dataclass(frozen=True, slots=True)
 class PeerUpdated(DiscoveryEvent):
-    """A known peer has a newer record, or another ``source`` vouches for it."""
+    """A known peer has a newer record, or ``source`` began or stopped vouching for it."""
 
     peer: PeerInfo
     source: str
@@ -253,6 +254,7 @@ class PeerDiscoveryCoordinator:
         self._reseeded = 0
         self._announce_on_contact = False
         self._refetched: dict[bytes, float] = {}
+        self._rng = random.Random()
         self._started_at = 0.0
 
     # --- life cycle ------------------------------------------------------------------------------
@@ -425,6 +427,7 @@ class PeerDiscoveryCoordinator:
                 "answered": len(finished.answered) if finished else 0,
                 "rejected": len(finished.rejected) if finished else 0,
                 "unreachable": len(finished.unreachable) if finished else 0,
+                "rejoin_attempts": count["bootstrap_rejoin_attempts"],
             },
             "cache": self._cache_stats(),
             "dht": self._node.stats(),
@@ -503,10 +506,13 @@ class PeerDiscoveryCoordinator:
 
     def _withdraw(self, node_id: bytes, sources: Iterable[str]) -> None:
         for source in sources:
+            before = self._table.get(node_id)
             peer, lost = self._table.withdraw(node_id, source)
             if lost:
                 self._emit(PeerLost(peer, "gone"))
                 return
+            if before is not None and peer is not None and peer.sources != before.sources:
+                self._emit(PeerUpdated(peer, source))
 
     # --- DHT events ----------------------------------------------------------------------------------
 
@@ -686,8 +692,24 @@ class PeerDiscoveryCoordinator:
                 await self._announce()
             else:  # a bootstrap node, or nobody answered: announce when the first peer comes
                 self._announce_on_contact = True
+                if self._bootstrap is not None:
+                    self._spawn(self._rejoin(), "rejoin")
         finally:
             self._joined.set()
+
+    async def _rejoin(self) -> None:
+        """Nobody answered and nothing else filled the routing table: run the bootstrap layer
+        again, waiting ``bootstrap.backoff_delay`` (exponential, with jitter) between attempts,
+        until the table holds a peer (one that contacted us counts too)."""
+        attempt = 0
+        while self._state == "open" and len(self._node.engine.table) == 0:
+            attempt += 1
+            await asyncio.sleep(self._config.bootstrap.backoff_delay(min(attempt + 1, 64), self._rng))
+            if len(self._node.engine.table) > 0:
+                break
+            self._bootstrap_state = "running"
+            self._count["bootstrap_rejoin_attempts"] += 1
+            await self._run_bootstrap()
 
     async def _run_bootstrap(self) -> None:
         finished = await self._bootstrap.run()

@@ -72,7 +72,7 @@ def test_bad_arguments_give_a_usage_line(args, mentions):
 
 
 def test_help_everywhere():
-    for args in ([], ["keygen"], ["id"], ["lookup"], ["find"]):
+    for args in ([], ["keygen"], ["id"], ["lookup"], ["find"], ["node"], ["peers"]):
         result = cli(*args, "--help")
         assert result.returncode == 0 and "usage: sovereign-discovery" in result.stdout
 

@@ -707,3 +707,12 @@ def test_environment_is_not_read_implicitly_by_from_toml(monkeypatch):
     monkeypatch.setenv("SOVEREIGN_DHT_K", "3")
     assert Config.from_toml("").dht.k == DEFAULT_BUCKET_SIZE
     assert Config.from_file(os.devnull).dht.k == DEFAULT_BUCKET_SIZE
+
+
+def test_the_quick_start_configuration_loads():
+    text = (DOCS.parent / "quickstart.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```toml\n(.*?)```", text, re.S)
+    assert blocks
+    for block in blocks:
+        config = Config.from_toml(block, source="docs/quickstart.md")
+        assert config.bootstrap.peers and config.node.capabilities == ("storage",)

@@ -163,8 +163,31 @@ def test_a_wrong_pinned_key_is_refused_reported_and_nothing_from_it_enters():
                 rejected = [e for e in events if isinstance(e, BootstrapRejected)]
                 assert [e.contact for e in rejected] == [impostor]
                 assert node.peers() == [] and len(node.node.engine.table) == 0
-                assert node.stats()["bootstrap"] == {"state": "failed", "answered": 0, "rejected": 1,
-                                                     "unreachable": 0}
+                bootstrap = node.stats()["bootstrap"]
+                assert (bootstrap["answered"], bootstrap["rejected"], bootstrap["unreachable"]) == (0, 1, 0)
+
+    run(main())
+
+
+def test_a_node_nobody_answered_keeps_trying_to_join_with_backoff():
+    import socket
+
+    async def main() -> None:
+        late = Identity.generate()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:  # the port the late node will take
+            silent.bind(("127.0.0.1", 0))
+            port = silent.getsockname()[1]
+            line = Contact(late.public_key, Address("127.0.0.1", port)).pinned
+            node = await PeerDiscoveryCoordinator(Identity.generate(), config=config(line, timeout_s=0.5)).start()
+        try:
+            assert not await node.joined(10)
+            async with DhtNode(late, port=port) as bootstrap_node:
+                await eventually(lambda: node.peer(late.node_id) is not None or
+                                 late.node_id in node.node.engine.table, "the late bootstrap node", timeout=15)
+                assert node.stats()["bootstrap"]["rejoin_attempts"] >= 1
+                assert node.node_id in bootstrap_node.engine.table
+        finally:
+            await node.close()
 
     run(main())
 

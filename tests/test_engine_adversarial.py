@@ -260,6 +260,31 @@ def test_forged_and_tampered_records_in_value_and_providers_answers_are_dropped(
     assert snapshot(engine) == snap  # nothing stored, the peer still in the table
 
 
+def test_fetch_record_accepts_only_a_valid_record_of_the_peer_asked():
+    """``fetch_record`` asks the client for the client's own record: forged or tampered records, a
+    valid record of another key, or closer nodes instead all give None (the bad records counted);
+    only the client's own valid record is returned."""
+    hand, engine, client = served()
+    peer = client.contact(D)
+    own = PeerRecord.create(client.identity, addresses=[D], seq=3, expires_at=int(EPOCH) + 600)
+    other = PeerRecord.create(ident(15), addresses=[C], seq=1, expires_at=int(EPOCH) + 600)
+    forged = records(ident(16), ident(13))[1]
+    before, snap = drops(engine), snapshot(engine)
+    answers = [lambda rid, raw=raw: Value(rid, raw) for raw in forged + [other.encoded]]
+    answers += [lambda rid: Nodes(rid, 1, ()), lambda rid: Value(rid, own.encoded)]
+    for n, answer in enumerate(answers):
+        query = engine.fetch_record(peer, 1.0)
+        hand.pump(1.0)
+        [request] = client.take()
+        assert isinstance(request, FindValue) and request.key == peer.node_id
+        ask(hand, client, engine, 1.0, answer(request.request_id))
+        [found] = engine.events()
+        assert isinstance(found, RecordFound) and found.query == query and found.node_id == peer.node_id
+        assert found.record == (own if n == len(answers) - 1 else None)
+    assert delta(engine, before) == {"invalid_record_received": len(forged) + 1}
+    assert snapshot(engine) == snap
+
+
 # --- 2. tampering (and truncation) ---------------------------------------------------------------
 
 

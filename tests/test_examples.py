@@ -157,3 +157,11 @@ def test_dht_node_guide_lists_every_setting_and_drop_reason():
         assert f"| `{f.name}` | {default} |" in guide, f"DhtConfig.{f.name} (default {default}) not in the guide"
     for reason in node.DROP_REASONS + session.DROP_REASONS:
         assert f"| `{reason}` |" in guide, f"drop reason {reason} not in the guide"
+
+
+def test_coordinator_example_discovers_peers_and_providers():
+    result = _run("coordinator.py")
+    assert result.returncode == 0, _explain(result)
+    out = result.stdout
+    assert "joined: True" in out and "2 provider(s) of 'relay'" in out, _explain(result)
+    assert "signature verified" in out and out.count("event: discovered") == 3, _explain(result)
