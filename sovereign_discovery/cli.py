@@ -205,6 +205,10 @@ def _node_config(args: argparse.Namespace) -> Config:
         flag("node.http", args.http, "--http")
     if args.capability:
         flag("node.capabilities", ",".join(args.capability), "--capability")
+    if args.mdns_interface:
+        flag("local.mdns_interfaces", ",".join(args.mdns_interface), "--mdns-interface")
+    if args.ble_adapter is not None:
+        flag("local.ble_adapter", args.ble_adapter, "--ble-adapter")
     if args.no_mdns:
         flag("local.mdns", False, "--no-mdns")
     if args.no_ble:
@@ -364,6 +368,10 @@ def _parser() -> argparse.ArgumentParser:
                                                           "unless you mean it)")
     p.add_argument("--capability", action="append", type=_capability, metavar="NAME",
                    help="a capability to announce (repeatable; node.capabilities)")
+    p.add_argument("--mdns-interface", action="append", metavar="ADDR",
+                   help="IP address of an interface mDNS announces and browses on (repeatable; "
+                        "local.mdns_interfaces)")
+    p.add_argument("--ble-adapter", metavar="NAME", help="Bluetooth adapter, e.g. hci0 (local.ble_adapter)")
     p.add_argument("--no-mdns", action="store_true", help="switch the mDNS layer off")
     p.add_argument("--no-ble", action="store_true", help="switch the Bluetooth LE layer off")
     p.set_defaults(run=_node)

@@ -192,6 +192,8 @@ BAD_NODE_RUNS = [  # (files to write, arguments, extra environment, exit status,
     ({"broken.toml": "[dht\nk = 3\n"}, ["--key", "k.key", "--config", "broken.toml"], {}, 2, "broken.toml"),
     ({}, ["--key", "k.key"], {"SOVEREIGN_BOOTSTRAP_PEERS": "nokey@127.0.0.1:1"}, 2, "SOVEREIGN_BOOTSTRAP_PEERS"),
     ({}, ["--key", "loose.key", "--listen", "127.0.0.1:0"], {}, 1, "loose.key"),
+    ({}, ["--key", "k.key", "--mdns-interface", "eth0"], {}, 2, "--mdns-interface"),
+    ({}, ["--key", "k.key", "--ble-adapter", "no such adapter!"], {}, 2, "--ble-adapter"),
 ]
 
 
