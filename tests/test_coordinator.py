@@ -333,6 +333,20 @@ def test_layers_switched_off_in_the_configuration_do_not_start():
     run(main())
 
 
+def test_with_the_bootstrap_layer_off_the_pinned_peers_are_not_contacted():
+    async def main() -> None:
+        async with PeerDiscoveryCoordinator(Identity.generate(), config=config()) as boot:
+            off = config(boot.node.contact.pinned)
+            off = Config(local=NO_LOCAL, bootstrap=BootstrapConfig(enabled=False, peers=off.bootstrap.peers))
+            async with PeerDiscoveryCoordinator(Identity.generate(), config=off) as node:
+                assert not await node.joined(10)
+                assert node.stats()["bootstrap"]["state"] == "off" and len(node.node.engine.table) == 0
+                assert sum(node.stats()["dht"]["messages_out"].values()) == 0
+                assert boot.stats()["dht"]["table_size"] == 0
+
+    run(main())
+
+
 def test_with_the_dht_off_nothing_is_announced_or_looked_up():
     async def main() -> None:
         async with PeerDiscoveryCoordinator(Identity.generate(), config=config()) as boot:
