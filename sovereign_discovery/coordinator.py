@@ -284,6 +284,7 @@ class PeerDiscoveryCoordinator:
         self._spawn(self._run_checks(), "checks")
         self._spawn(self._upkeep(), "upkeep")
         for layer in self._choose_layers():
+            self._layer_state[layer.name] = ("starting", None)
             self._spawn(self._start_layer(layer), f"layer {layer.name}")
         return self
 

@@ -1,0 +1,593 @@
+"""The Bluetooth LE layer on the in-memory radio (``FakeRadio``): the advertisement codec and its
+31-byte budget, resolution from the peer table vs a GATT read, the rotating token, every kind of
+bad input (dropped and counted, never raised), the bounds, losing peers, and every way BLE can be
+unavailable. The real BlueZ stacks are exercised in test_ble_bluezoo.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+
+import pytest
+
+from sovereign_discovery import Address, Identity, LocalConfig, PeerRecord
+from sovereign_discovery.ble import MAX_GATT_RECORD_BYTES, BleLayer, create_layer
+from sovereign_discovery.ble_backends import BleSighting, BlueZStack, FakeRadio, describe_ble_error
+from sovereign_discovery.ble_payload import (
+    FLAG_GATT,
+    FLAG_MDNS,
+    FLAG_ROTATING,
+    LEGACY_ADVERTISING_BYTES,
+    PAYLOAD_BYTES,
+    SERVICE_UUID,
+    BlePayload,
+    BlePayloadError,
+    advertising_data,
+    capability_bits,
+    false_positive_rate,
+    may_have_capability,
+    peer_hash,
+    rotating_token,
+    rotation_window,
+)
+from sovereign_discovery.coordinator import LayerStateChanged, PeerDiscovered, PeerDiscoveryCoordinator
+from sovereign_discovery.errors import ArgumentValueError
+from sovereign_discovery.layers import LayerContext, LayerUnavailable
+from sovereign_discovery.peer_table import PeerInfo
+
+from .helpers import run_bounded
+from .test_coordinator import eventually
+
+LOCAL = LocalConfig(mdns=False, scan_interval_s=1.0)
+
+
+def run(coro, timeout: float = 20.0):
+    return run_bounded(coro, timeout)
+
+
+def make_record(identity: Identity | None = None, *, seq: int = 1, addresses=(), capabilities=("relay",),
+                ttl_s: int = 600) -> PeerRecord:
+    return PeerRecord.create(identity or Identity.generate(), addresses=list(addresses),
+                             capabilities=capabilities, seq=seq, expires_at=int(time.time()) + ttl_s)
+
+
+class RecordingContext(LayerContext):
+    """What the coordinator offers a layer, recording what the layer reports."""
+
+    def __init__(self, own: PeerRecord | None = None, known: tuple[PeerRecord, ...] = ()) -> None:
+        self._identity = Identity.generate()
+        self.own = own
+        self.known = {bytes(r.node_id): r for r in known}
+        self.seen: list[tuple[PeerRecord, int | None, bool]] = []
+        self.gone: list[bytes] = []
+        self.callbacks: list = []
+        self.known_peers_calls = 0
+
+    @property
+    def identity(self) -> Identity:
+        return self._identity
+
+    @property
+    def own_record(self) -> PeerRecord | None:
+        return self.own
+
+    def on_own_record_changed(self, callback) -> None:
+        self.callbacks.append(callback)
+        if self.own is not None:
+            callback(self.own)
+
+    def change_own_record(self, record: PeerRecord) -> None:
+        self.own = record
+        for callback in self.callbacks:
+            callback(record)
+
+    def peer_seen(self, record, *, address=None, rssi=None, check_reachable=True) -> None:
+        assert address is None
+        self.seen.append((record, rssi, check_reachable))
+
+    def peer_gone(self, node_id: bytes) -> None:
+        self.gone.append(bytes(node_id))
+
+    def known_peer(self, node_id: bytes) -> PeerInfo | None:
+        record = self.known.get(bytes(node_id))
+        return None if record is None else PeerInfo(record.node_id, record, frozenset({"dht"}), 0.0, 0.0,
+                                                   record.addresses)
+
+    def known_peers(self) -> list[PeerInfo]:
+        self.known_peers_calls += 1
+        return [self.known_peer(key) for key in self.known]
+
+    def seen_ids(self) -> list[bytes]:
+        return [bytes(r.node_id) for r, _, _ in self.seen]
+
+
+async def scanning_peer(radio: FakeRadio, context: LayerContext, address: str = "BB:02", **kwargs) -> BleLayer:
+    layer = BleLayer(kwargs.pop("config", LOCAL), stack=radio.stack(address), **kwargs)
+    await layer.start(context)
+    return layer
+
+
+async def advertising_peer(radio: FakeRadio, address: str, record: PeerRecord, config: LocalConfig = LOCAL,
+                           **kwargs) -> BleLayer:
+    return await scanning_peer(radio, RecordingContext(own=record), address, config=config, **kwargs)
+
+
+# --- the payload codec ----------------------------------------------------------------------------
+
+
+def test_the_advertisement_fits_the_31_byte_legacy_budget_exactly():
+    record = make_record(seq=0x1234, capabilities=("relay", "store", "chat/1"))
+    payload = BlePayload.for_record(record, gatt=True, mdns=True).encode()
+    assert len(payload) == PAYLOAD_BYTES == 20
+    data = advertising_data(payload)
+    assert len(data) == LEGACY_ADVERTISING_BYTES == 31
+    # Flags, then the complete 16-bit UUID list, then 16-bit service data (length, type, data)
+    assert data[:3] == bytes.fromhex("020106")
+    assert data[3:7] == bytes.fromhex("0303f5ff")
+    assert data[7:11] == bytes.fromhex("1716f5ff") and data[11:] == payload
+    structures, offset = [], 0
+    while offset < len(data):  # the AD structures tile the buffer with nothing left over
+        length = data[offset]
+        structures.append(data[offset + 1])
+        offset += 1 + length
+    assert offset == 31 and structures == [0x01, 0x03, 0x16]
+    with pytest.raises(ArgumentValueError):
+        advertising_data(payload + b"\x00")  # one byte more no longer fits
+    assert SERVICE_UUID == "0000fff5-0000-1000-8000-00805f9b34fb"
+
+
+def test_payload_round_trips_and_carries_the_hash_and_seq_hint():
+    identity = Identity.generate()
+    record = make_record(identity, seq=0x1FF, capabilities=("relay",))
+    payload = BlePayload.for_record(record, gatt=True, mdns=True)
+    decoded = BlePayload.decode(payload.encode())
+    assert decoded == payload and decoded.flags == FLAG_GATT | FLAG_MDNS and decoded.gatt
+    assert decoded.peer_id == bytes(identity.node_id[:16]) == peer_hash(identity.public_key)
+    assert decoded.seq_hint == 0xFF
+    assert may_have_capability(decoded.capabilities, "relay")
+    assert decoded.matches(identity.public_key) == 0
+    assert decoded.matches(Identity.generate().public_key) is None
+
+
+def test_capability_bits_are_a_bloom_filter_without_false_negatives():
+    names = ["relay", "store", "chat/1", "quic", "tcp"]
+    bits = capability_bits(names)
+    assert all(may_have_capability(bits, n) for n in names)
+    assert 0 < bin(capability_bits(["relay"])).count("1") <= 2
+    others = [f"cap{n}" for n in range(400)]
+    false_positives = sum(may_have_capability(capability_bits(["relay"]), n) for n in others)
+    assert false_positives / len(others) < 3 * false_positive_rate(1) + 0.02  # ≈1.4 % expected
+    assert false_positive_rate(5) > false_positive_rate(1)
+
+
+def test_malformed_service_data_raises_only_payload_errors():
+    good = BlePayload.for_record(make_record(), gatt=True).encode()
+    cases = {b"": "payload_short", good[:-1]: "payload_short", good + bytes(12): "payload_long",
+             bytes([0x21]) + good[1:]: "payload_version", bytes([0x01]) + good[1:]: "payload_version"}
+    for data, reason in cases.items():
+        with pytest.raises(BlePayloadError) as info:
+            BlePayload.decode(data)
+        assert info.value.reason == reason
+    with pytest.raises(BlePayloadError):
+        BlePayload.decode("not bytes")
+    assert BlePayload.decode(bytes([0x18]) + good[1:]).flags == 0  # the reserved bit is ignored
+    assert BlePayload.decode(good + b"\x00\x01").peer_id == BlePayload.decode(good).peer_id  # extension
+
+
+def test_rotating_token_is_resolvable_with_the_key_and_unlinkable_without_it():
+    identity = Identity.generate()
+    record = make_record(identity, seq=42, capabilities=("relay", "store"))
+    window = rotation_window(1_700_000_000, 900.0)
+    first = BlePayload.for_record(record, gatt=True, rotating_window=window)
+    second = BlePayload.for_record(record, gatt=True, rotating_window=window + 1)
+    assert first.rotating and first.flags & FLAG_ROTATING
+    assert first.peer_id == rotating_token(identity.public_key, window)
+    assert first.peer_id != second.peer_id and first.peer_id != peer_hash(identity.public_key)
+    # the fields a stranger could link windows by are masked too
+    assert (first.encode()[1:3], first.encode()[19]) != (second.encode()[1:3], second.encode()[19])
+    assert first.matches(identity.public_key, [window - 1, window, window + 1]) == window
+    assert first.matches(Identity.generate().public_key, [window]) is None
+    clear = first.unmasked(identity.public_key, window)
+    assert clear.seq_hint == 42 and clear.capabilities == capability_bits(["relay", "store"])
+
+
+# --- resolving sightings -------------------------------------------------------------------------------
+
+
+def test_an_unknown_ble_only_peer_is_read_over_gatt_verified_and_reported():
+    async def main() -> None:
+        radio = FakeRadio()
+        record = make_record()
+        a = await advertising_peer(radio, "AA:01", record)
+        radio.rssi["AA:01"] = -48
+        b_context = RecordingContext(own=make_record())
+        b = await scanning_peer(radio, b_context)
+        await eventually(lambda: b_context.seen, "B's report of A")
+        assert b_context.seen[0] == (record, -48, False)  # no IP path: reported without a PING
+        assert radio.fetches.count(("BB:02", "AA:01")) == 1
+        stats = b.stats()
+        assert stats["gatt_records"] == 1 and stats["dropped"] == {} and stats["peers_seen"] == 1
+        assert a.stats()["advertising"] and a.stats()["serving_record"]
+        json.dumps(stats)
+        await a.close()
+        await b.close()
+        await b.close()  # idempotent
+
+    run(main())
+
+
+def test_a_peer_whose_record_has_ip_addresses_is_left_to_the_coordinators_ping():
+    async def main() -> None:
+        radio = FakeRadio()
+        record = make_record(addresses=[Address("192.0.2.7", 4000)])
+        await advertising_peer(radio, "AA:01", record)
+        context = RecordingContext()
+        b = await scanning_peer(radio, context)
+        await eventually(lambda: context.seen, "the report")
+        assert context.seen[0][0] == record and context.seen[0][2] is True
+        await b.close()
+
+    run(main())
+
+
+def test_a_peer_the_table_knows_is_resolved_without_a_radio_connection():
+    async def main() -> None:
+        radio = FakeRadio()
+        record = make_record(seq=7)
+        await advertising_peer(radio, "AA:01", record)
+        context = RecordingContext(known=(record,))
+        b = await scanning_peer(radio, context)
+        await eventually(lambda: context.seen, "the report")
+        assert context.seen_ids() == [bytes(record.node_id)] and radio.fetches == []
+        assert b.stats()["resolved_from_table"] == 1
+        for _ in range(50):  # repeated advertisements: reports are throttled, the index is cached
+            radio.broadcast()
+        assert len(context.seen) == 1 and context.known_peers_calls == 1
+        await b.close()
+
+    run(main())
+
+
+def test_a_stale_table_record_is_replaced_by_the_one_read_over_gatt():
+    async def main() -> None:
+        radio = FakeRadio()
+        identity = Identity.generate()
+        old, new = make_record(identity, seq=1), make_record(identity, seq=2)
+        await advertising_peer(radio, "AA:01", new)
+        context = RecordingContext(known=(old,))
+        b = await scanning_peer(radio, context)
+        await eventually(lambda: any(r.seq == 2 for r, _, _ in context.seen), "the newer record")
+        assert radio.fetches == [("BB:02", "AA:01")] and context.seen[-1][0] == new
+        assert context.gone == []  # a newer record of the same peer is no loss
+        await b.close()
+
+    run(main())
+
+
+def test_the_advertiser_readvertises_when_its_record_changes():
+    async def main() -> None:
+        radio = FakeRadio()
+        identity = Identity.generate()
+        a_context = RecordingContext(own=make_record(identity, seq=1))
+        a = await scanning_peer(radio, a_context, "AA:01")
+        b_context = RecordingContext()
+        b = await scanning_peer(radio, b_context)
+        await eventually(lambda: b_context.seen, "the first record")
+        a_context.change_own_record(make_record(identity, seq=2))
+        await eventually(lambda: BlePayload.decode(radio.advertisements["AA:01"]).seq_hint == 2, "new payload")
+        assert radio.records["AA:01"] == a_context.own.encode()
+        b._devices["AA:01"].next_fetch_at = 0  # let B read again at once
+        radio.broadcast()
+        await eventually(lambda: b_context.seen[-1][0].seq == 2, "B's report of the newer record")
+        await a.close()
+        await b.close()
+
+    run(main())
+
+
+def test_rotating_tokens_resolve_from_the_table_and_over_gatt():
+    async def main() -> None:
+        radio = FakeRadio()
+        config = LocalConfig(mdns=False, scan_interval_s=1.0, rotating_token=True, token_rotation_s=60.0)
+        record = make_record(seq=9)
+        await advertising_peer(radio, "AA:01", record, config)
+        payload = BlePayload.decode(radio.advertisements["AA:01"])
+        assert payload.rotating and payload.peer_id != peer_hash(record.public_key)
+        knows = RecordingContext(known=(record,))
+        stranger = RecordingContext()
+        b = await scanning_peer(radio, knows, config=config)
+        c = await scanning_peer(radio, stranger, "CC:03", config=config)
+        await eventually(lambda: knows.seen and stranger.seen, "both reports")
+        assert knows.seen[0][0] == record and stranger.seen[0][0] == record
+        assert radio.fetches == [("CC:03", "AA:01")]  # only the stranger had to connect
+        assert b.stats()["resolved_from_table"] == 1 and c.stats()["gatt_records"] == 1
+        await b.close()
+        await c.close()
+
+    run(main())
+
+
+def test_nearer_devices_are_read_first():
+    async def main() -> None:
+        radio = FakeRadio()
+        far, near = make_record(), make_record()
+        context = RecordingContext()
+        b = await scanning_peer(radio, context, fetch_burst=1, fetches_per_s=50.0)
+        b._tokens = 0.0  # the next read waits for the bucket: both sightings queue meanwhile
+        for address, record, rssi in (("AA:FA", far, -90), ("AA:0E", near, -35)):
+            radio.rssi[address] = rssi
+            await radio.stack(address).advertiser("hci0").start(
+                BlePayload.for_record(record, gatt=True).encode())
+            await radio.stack(address).record_server("hci0").start(record.encode())
+        await eventually(lambda: len(context.seen) == 2, "both reports")
+        assert radio.fetches == [("BB:02", "AA:0E"), ("BB:02", "AA:FA")]
+        assert [rssi for _, rssi, _ in context.seen] == [-35, -90]
+        await b.close()
+
+    run(main())
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+
+def test_a_record_that_does_not_match_the_advertised_hash_is_dropped():
+    async def main() -> None:
+        radio = FakeRadio()
+        victim, impostor = make_record(), make_record()
+        await advertising_peer(radio, "AA:01", victim)
+        radio.gatt_answer["AA:01"] = impostor.encode()  # a valid record, of another key
+        context = RecordingContext()
+        b = await scanning_peer(radio, context)
+        await eventually(lambda: b.stats()["dropped"], "the drop")
+        assert b.stats()["dropped"] == {"id_mismatch": 1} and context.seen == []
+        await b.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("answer, reason", [
+    ("tampered", "bad_signature"),
+    ("garbage", "record_malformed"),
+    ("expired", "record_expired"),
+    ("oversized", "gatt_oversized"),
+    ("slow", "gatt_timeout"),
+    ("silent", "gatt_failed"),
+])
+def test_bad_gatt_answers_are_dropped_and_counted(answer, reason):
+    async def main() -> None:
+        radio = FakeRadio()
+        identity = Identity.generate()
+        record = make_record(identity)
+        await advertising_peer(radio, "AA:01", record)
+        if answer == "tampered":
+            data = bytearray(record.encode())
+            data[40] ^= 1  # inside the signed body
+            radio.gatt_answer["AA:01"] = bytes(data)
+        elif answer == "garbage":
+            radio.gatt_answer["AA:01"] = b"\x01" + bytes(30)
+        elif answer == "expired":
+            radio.gatt_answer["AA:01"] = PeerRecord.create(identity, addresses=[], seq=1,
+                                                           expires_at=int(time.time()) - 5).encode()
+        elif answer == "oversized":
+            radio.gatt_answer["AA:01"] = bytes(MAX_GATT_RECORD_BYTES + 1)
+        elif answer == "slow":
+            radio.gatt_delay_s["AA:01"] = 5.0
+        else:
+            radio.records.pop("AA:01")
+        context = RecordingContext()
+        b = await scanning_peer(radio, context, gatt_timeout_s=0.2)
+        started = time.monotonic()
+        await eventually(lambda: b.stats()["dropped"], "the drop")
+        assert time.monotonic() - started < 2.0  # a slow device costs the timeout, no more
+        assert b.stats()["dropped"] == {reason: 1} and context.seen == []
+        radio.broadcast()  # the same device again: not read again before REFETCH_AFTER_S
+        await asyncio.sleep(0.05)
+        assert radio.fetches == [("BB:02", "AA:01")]
+        await b.close()
+
+    run(main())
+
+
+def test_malformed_advertisements_are_dropped_counted_and_never_raise():
+    async def main() -> None:
+        radio = FakeRadio()
+        context = RecordingContext()
+        b = await scanning_peer(radio, context)
+        good = BlePayload.for_record(make_record(), gatt=False).encode()
+        for data in (None, b"", b"\x10" * 5, good + bytes(20), b"\x20" + good[1:], good):
+            radio.emit(BleSighting("EE:01", 999, data))
+        radio.emit("not a sighting")  # a backend bug
+        radio.emit(BleSighting(None, -50, good))
+        dropped = b.stats()["dropped"]
+        assert dropped == {"no_service_data": 1, "payload_short": 2, "payload_long": 1, "payload_version": 1,
+                           "unresolvable": 1, "bad_sighting": 2}
+        assert context.seen == [] and radio.fetches == []  # no GATT flag: nothing to read
+        await b.close()
+
+    run(main())
+
+
+def test_a_flood_of_devices_is_bounded_in_memory_and_in_gatt_reads():
+    async def main() -> None:
+        radio = FakeRadio()
+        context = RecordingContext()
+        b = BleLayer(LOCAL, stack=radio.stack("BB:02"), max_tracked_devices=64, fetch_burst=3,
+                     fetches_per_s=5.0, gatt_timeout_s=0.05)
+        await b.start(context)
+        started = time.monotonic()
+        for n in range(2000):
+            payload = BlePayload(FLAG_GATT, 0, n.to_bytes(16, "big"), 0).encode()
+            radio.emit(BleSighting(f"F0:{n:04x}", -70, payload))
+            assert len(b._devices) <= 64 and len(b._pending) <= 32
+        await asyncio.sleep(0.5)
+        elapsed = time.monotonic() - started
+        assert len(radio.fetches) <= 3 + 5.0 * elapsed + 1  # the token bucket holds
+        stats = b.stats()
+        assert stats["tracked_devices"] <= 64 and stats["sightings"] == 2000
+        assert stats["dropped"]["gatt_failed"] == len(radio.fetches)  # nobody serves a record
+        assert stats["devices_evicted"] + stats["dropped"].get("too_many_devices", 0) >= 2000 - 64
+        assert context.seen == []
+        await b.close()
+
+    run(main())
+
+
+# --- losing peers ----------------------------------------------------------------------------------
+
+
+def test_a_peer_not_seen_for_the_lost_interval_is_reported_gone():
+    async def main() -> None:
+        radio = FakeRadio()
+        record = make_record()
+        a = await advertising_peer(radio, "AA:01", record)
+        context = RecordingContext()
+        b = await scanning_peer(radio, context, lost_after_s=3.0)
+        await eventually(lambda: context.seen, "the report")
+        now = time.monotonic()
+        assert b.sweep(now + 1.0) == 0 and context.gone == []
+        await a.close()  # stops advertising
+        assert b.sweep(now + 3.5) == 1
+        assert context.gone == [bytes(record.node_id)] and b.stats()["tracked_devices"] == 0
+        await b.close()
+
+    run(main())
+
+
+def test_the_sweep_runs_by_itself():
+    async def main() -> None:
+        radio = FakeRadio()
+        a = await advertising_peer(radio, "AA:01", make_record())
+        context = RecordingContext()
+        b = await scanning_peer(radio, context, lost_after_s=0.3)
+        await eventually(lambda: context.seen, "the report")
+        await a.close()
+        await eventually(lambda: context.gone, "the loss", timeout=3.0)
+        await b.close()
+
+    run(main())
+
+
+# --- unavailable ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fail_on", ["scanner", "advertiser", "server"])
+def test_a_backend_that_fails_to_start_makes_the_layer_unavailable(fail_on):
+    async def main() -> None:
+        radio = FakeRadio()
+        layer = BleLayer(LOCAL, stack=radio.stack("AA:01", fail_on=fail_on))
+        context = RecordingContext(own=make_record())
+        with pytest.raises(LayerUnavailable) as info:
+            await layer.start(context)
+        assert info.value.layer == "ble" and info.value.reason.startswith("no D-Bus system bus")
+        assert radio.scanners == {} and radio.advertisements == {} and radio.records == {}
+        assert context.callbacks == []
+
+    run(main())
+
+
+def test_an_unavailable_stack_says_why():
+    async def main() -> None:
+        layer = BleLayer(LOCAL, stack=FakeRadio().stack("AA:01", unavailable="no Bluetooth adapter"))
+        with pytest.raises(LayerUnavailable, match="ble unavailable: no Bluetooth adapter"):
+            await layer.start(RecordingContext())
+
+    run(main())
+
+
+def test_a_missing_library_is_named_with_the_extra_to_install(monkeypatch):
+    for module in ("bleak", "bless", "dbus_fast"):
+        with monkeypatch.context() as patch:
+            patch.setitem(sys.modules, module, None)  # import fails as if not installed
+            with pytest.raises(LayerUnavailable) as info:
+                run(BlueZStack("hci0").probe())
+            assert info.value.reason == f"{module} is not installed (pip install 'sovereign-discovery[ble]')"
+
+
+def test_no_system_bus_socket_is_reported(monkeypatch, tmp_path):
+    pytest.importorskip("dbus_fast")
+    pytest.importorskip("bleak")
+    pytest.importorskip("bless")
+    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", f"unix:path={tmp_path}/missing_socket")
+    layer = create_layer(LocalConfig(ble_adapter="hci0"))
+    with pytest.raises(LayerUnavailable) as info:
+        run(layer.start(RecordingContext()))
+    assert info.value.reason.startswith(f"no D-Bus system bus at unix:path={tmp_path}/missing_socket")
+
+
+def test_library_errors_map_to_reasons_a_user_can_act_on():
+    class BleakDBusError(Exception):
+        pass
+
+    class BleakBluetoothNotAvailableError(Exception):
+        def __init__(self, text, reason):
+            super().__init__(text)
+            self.reason = reason
+
+    class Reason:
+        def __init__(self, name):
+            self.name = name
+
+    cases = [
+        (FileNotFoundError(2, "No such file or directory"), "no D-Bus system bus"),
+        (BleakDBusError("[org.freedesktop.DBus.Error.ServiceUnknown] The name org.bluez was not provided by"
+                        " any .service files"), "BlueZ is not running"),
+        (Exception("The name org.bluez was not provided by any .service files"), "BlueZ is not running"),
+        (BleakBluetoothNotAvailableError("No Bluetooth adapters found.", Reason("NO_BLUETOOTH")),
+         "no Bluetooth adapter"),
+        (BleakBluetoothNotAvailableError("No powered Bluetooth adapters found.", Reason("POWERED_OFF")),
+         "Bluetooth adapter hci1 is powered off"),
+        (Exception("No adapter named hci1 found"), "no Bluetooth adapter named hci1"),
+        (ModuleNotFoundError("No module named 'bleak'", name="bleak"), "bleak is not installed"),
+        (asyncio.TimeoutError(), "BlueZ did not answer in time"),
+        (RuntimeError("odd"), "RuntimeError: odd"),
+    ]
+    for exc, reason in cases:
+        assert describe_ble_error(exc, "hci1").startswith(reason), (exc, describe_ble_error(exc, "hci1"))
+
+
+# --- with the coordinator ---------------------------------------------------------------------------
+
+
+def test_two_coordinators_meet_over_ble_and_the_ping_confirms_the_peer():
+    async def main() -> None:
+        from sovereign_discovery import BootstrapConfig, Config
+
+        radio = FakeRadio()
+        config = Config(local=LocalConfig(mdns=False, scan_interval_s=1.0),
+                        bootstrap=BootstrapConfig(peers=()))
+        radio.rssi["AA:01"] = -55
+        events: list = []
+        a_layer = BleLayer(config.local, stack=radio.stack("AA:01"))
+        b_layer = BleLayer(config.local, stack=radio.stack("BB:02"))
+        async with PeerDiscoveryCoordinator(Identity.generate(), config=config, local_layers=[a_layer],
+                                            cache=None) as a, \
+                PeerDiscoveryCoordinator(Identity.generate(), config=config, local_layers=[b_layer],
+                                         cache=None, on_event=events.append) as b:
+            await eventually(lambda: b.peer(a.node_id) is not None, "A in B's table", timeout=10)
+            peer = b.peer(a.node_id)
+            assert "ble" in peer.sources and peer.rssi == -55  # the PING also put it in the DHT table
+            assert any(isinstance(e, PeerDiscovered) and e.source == "ble" for e in events)
+            assert b.stats()["checks"]["pings"] >= 1  # A's record has a UDP address: PINGed first
+            assert b.stats()["layers"]["ble"]["state"] == "running"
+            assert b.stats()["layers"]["ble"]["gatt_records"] + b.stats()["layers"]["ble"].get(
+                "resolved_from_table", 0) >= 1
+
+    run(main(), 30)
+
+
+def test_an_unavailable_ble_layer_leaves_the_coordinator_running():
+    async def main() -> None:
+        from sovereign_discovery import BootstrapConfig, Config
+
+        config = Config(local=LocalConfig(mdns=False), bootstrap=BootstrapConfig(peers=()))
+        layer = BleLayer(config.local, stack=FakeRadio().stack("AA:01", unavailable="no Bluetooth adapter"))
+        events: list = []
+        async with PeerDiscoveryCoordinator(Identity.generate(), config=config, local_layers=[layer],
+                                            cache=None, on_event=events.append) as node:
+            await eventually(lambda: any(isinstance(e, LayerStateChanged) for e in events), "the report")
+            assert node.stats()["layers"]["ble"] == {"state": "unavailable", "reason": "no Bluetooth adapter"}
+            assert node.health()["ok"]
+
+    run(main())
