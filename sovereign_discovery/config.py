@@ -680,12 +680,17 @@ class LocalConfig:
         "Advertise and scan over Bluetooth LE (bleak). Without bleak or an adapter the layer "
         "reports why and the other layers keep running."))
     scan_interval_s: float = _setting(10.0, _SECONDS, (
-        "How often the local layer re-queries mDNS and processes BLE scan results."))
+        "How often the local layer processes BLE scan results (mDNS queries follow RFC 6762's "
+        "schedule)."))
+    liveness_interval_s: float = _setting(10.0, _SECONDS, (
+        "A local peer that stops answering authenticated PINGs is reported lost within this "
+        "time (a crashed peer sends no goodbye, and its mDNS records live for minutes)."))
     service_name: str = _setting(DEFAULT_SERVICE_NAME, _Text(_service_problem, "DNS-SD service type"),
                                  "DNS-SD service type announced and browsed.")
     mdns_interfaces: tuple[str, ...] = _setting((), _List(
         _ip_item, str, "list of IP addresses", check_all=_check_unique), (
-        "IP addresses of the interfaces mDNS runs on. Empty: every interface."))
+        "IP addresses of the interfaces mDNS runs on. Empty: every interface with a private or "
+        "link-local IPv4 address (never loopback or a public address), logged at warning."))
     ble_adapter: str | None = _setting(None, _Optional(_Text(_adapter_problem, "adapter name")),
                                        "Bluetooth adapter (BlueZ name such as hci0). Not set: the"
                                        " system default.")

@@ -659,6 +659,28 @@ class PeerDiscoveryCoordinator:
         self._checked_at.pop((bytes(node_id), layer), None)
         self._withdraw(node_id, (layer,))
 
+    async def _ping_peer(self, layer: str, record: object, address: object) -> bool:
+        """A local layer's liveness check: does the peer of ``record`` answer an authenticated
+        PING, at ``address`` first, then at the record's addresses?"""
+        if self._state != "open":
+            return False
+        if not isinstance(record, PeerRecord) or (address is not None and not isinstance(address, Address)):
+            self._count["check.bad_sighting"] += 1
+            return False
+        self._count[f"check.liveness_pings_{layer}"] += 1
+        candidates = [address] if address is not None else []
+        candidates += [a for a in record.addresses if a != address]
+        for where in candidates[:4]:
+            try:
+                if await self._node.ping(Contact(record.public_key, where)) is not None:
+                    return True
+            except ClosedError:
+                return False
+            except SovereignDiscoveryError:  # an address a contact cannot have (a zone)
+                continue
+        self._count[f"check.liveness_unanswered_{layer}"] += 1
+        return False
+
     # --- tasks ---------------------------------------------------------------------------------------
 
     def _spawn(self, coro, name: str) -> None:
@@ -921,6 +943,14 @@ class _Context(LayerContext):
 
     def peer_gone(self, node_id: bytes) -> None:
         self._coordinator._gone(self._layer, node_id)
+
+    async def ping(self, record: PeerRecord, address: Address | None = None) -> bool:
+        return await self._coordinator._ping_peer(self._layer, record, address)
+
+    @property
+    def bound(self) -> list[tuple[str, int]]:
+        node = self._coordinator._node
+        return node.bound if node is not None and not node.closed else []
 
     def known_peer(self, node_id: bytes) -> PeerInfo | None:
         try:

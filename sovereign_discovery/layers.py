@@ -16,8 +16,10 @@ layer cannot run here; the coordinator reports it and the other layers keep runn
 A layer reports what it sees through the :class:`LayerContext` the coordinator gives it:
 :meth:`LayerContext.peer_seen` with a *verified* :class:`~sovereign_discovery.records.PeerRecord`
 (decode untrusted bytes with ``PeerRecord.decode``; never build trust on an unverified field),
-and :meth:`LayerContext.peer_gone` when the peer said goodbye or stopped answering. The context
-also tells the layer the node's own record, and when it changes (re-announce then).
+and :meth:`LayerContext.peer_gone` when the peer said goodbye or stopped answering
+(:meth:`LayerContext.ping` checks that a peer still answers). The context also tells the layer
+the node's own record, and when it changes (re-announce then), and the node's UDP sockets
+(:attr:`LayerContext.bound`).
 """
 
 from __future__ import annotations
@@ -94,3 +96,18 @@ class LayerContext(ABC):
     @abstractmethod
     def known_peers(self) -> list[PeerInfo]:
         """Every peer-table entry, local first."""
+
+    async def ping(self, record: PeerRecord, address: Address | None = None) -> bool:
+        """Whether the peer of ``record`` answers an authenticated PING now: at ``address``
+        first, then at the record's addresses (at most four tries, each taking at most about
+        two request timeouts; bound it with ``asyncio.wait_for``). A layer's liveness check of
+        a peer it vouches for: True or False, never an exception for what the layer passes.
+        A context that cannot PING raises NotImplementedError (the layer then runs without
+        liveness checks)."""
+        raise NotImplementedError
+
+    @property
+    def bound(self) -> list[tuple[str, int]]:
+        """``(host, port)`` of each UDP socket of the node (wildcards included): the port a layer
+        announces when the own record has no address yet. Empty when unknown."""
+        return []
