@@ -47,7 +47,8 @@ class LookupFinished(Event):
     """The lookup of ``query`` toward ``target`` ended. ``closest`` holds the peers that answered,
     nearest first (at most k); ``timed_out`` says the overall deadline cut it short (``closest``
     is then the best partial result). ``rounds`` is the number of hops, ``requests`` the number
-    of requests sent."""
+    of requests sent. ``rounds_to_target`` is the round in which a request was first sent to the
+    peer whose ID is ``target`` (seeds are round 1), or None if it was never contacted."""
 
     query: QueryId
     target: NodeId
@@ -55,6 +56,7 @@ class LookupFinished(Event):
     timed_out: bool
     rounds: int
     requests: int
+    rounds_to_target: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,7 +5,9 @@ from the injected ``random_bytes`` (keys, nonces) and ``rng`` (request IDs).
 It composes the tested parts: :class:`~sovereign_discovery.session.SessionLayer` (authenticated
 packets), :mod:`~sovereign_discovery.wire` (messages),
 :class:`~sovereign_discovery.routing.RoutingTable`, :class:`~sovereign_discovery.lookup.Lookup`
-and :class:`~sovereign_discovery.record_store.RecordStore`. The shape is aioquic's and h11's::
+and :class:`~sovereign_discovery.record_store.RecordStore`. Simulations may pass
+``session_layer=`` a :class:`~sovereign_discovery.sim_session.SimulatedSessionLayer` (same
+interface, no cryptography; never on a real network). The shape is aioquic's and h11's::
 
     engine = DhtEngine(identity, now=monotonic_now, unix_offset=time.time() - monotonic_now)
     engine.receive_datagram(data, source, now)      # never raises
@@ -320,6 +322,7 @@ class DhtEngine:
         learn_address: bool = True,
         session_limits: SessionLimits | None = None,
         families: Iterable[int] = (4, 6),
+        session_layer: SessionLayer | None = None,
     ) -> None:
         if not isinstance(identity, Identity):
             raise ArgumentTypeError(f"identity must be an Identity, not {type(identity).__name__}")
@@ -346,8 +349,19 @@ class DhtEngine:
         if session_limits is not None and not isinstance(session_limits, SessionLimits):
             raise ArgumentTypeError(
                 f"session_limits must be a SessionLimits, not {type(session_limits).__name__}")
-        self._session = SessionLayer(identity, random_bytes=random_bytes,
-                                     limits=session_limits or SessionLimits())
+        if session_layer is None:
+            self._session = SessionLayer(identity, random_bytes=random_bytes,
+                                         limits=session_limits or SessionLimits())
+        else:
+            # Simulations only (sim_session.SimulatedSessionLayer): a layer with the same
+            # interface, built for this identity.
+            if not all(callable(getattr(session_layer, name, None)) for name in ("send", "receive", "expire")):
+                raise ArgumentTypeError("session_layer must have send, receive and expire methods")
+            if session_limits is not None:
+                raise ArgumentValueError("give session_limits or session_layer, not both")
+            if getattr(session_layer, "node_id", None) != self._id:
+                raise ArgumentValueError("session_layer must be built for this identity")
+            self._session = session_layer
         self._table = RoutingTable(self._id, bucket_size=config.bucket_size, now=now)
         self._store = RecordStore()
         self._lookup_params = LookupParams(bucket_size=config.bucket_size,
@@ -1070,7 +1084,8 @@ class DhtEngine:
         assert lookup is not None
         closest = tuple(lookup.closest())
         self._events.append(LookupFinished(query.id, query.target, closest, lookup.timed_out,
-                                           lookup.rounds, lookup.requests_sent))
+                                           lookup.rounds, lookup.requests_sent,
+                                           lookup.rounds_to_target))
         kind = query.kind
         if kind == "find_record":
             self._events.append(RecordFound(query.id, query.target, query.best))

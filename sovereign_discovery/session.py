@@ -255,6 +255,35 @@ class Received(NamedTuple):
 _NOTHING = Received((), ())
 
 
+# --- caller checks (shared with sim_session.SimulatedSessionLayer) -----------------------------
+
+
+def check_send(peer: object, message: object) -> bytes:
+    """``message`` as bytes, if ``send(peer, message, now)`` was called correctly; else the
+    caller error naming the parameter."""
+    if type(message) is not bytes:
+        if not isinstance(message, (bytearray, memoryview)):
+            raise ArgumentTypeError(f"message must be bytes, not {type(message).__name__}")
+        message = bytes(message)
+    if len(message) > MAX_MESSAGE_BYTES:
+        raise ArgumentValueError(f"message is {len(message)} bytes; at most {MAX_MESSAGE_BYTES}")
+    if not isinstance(peer, Contact):
+        raise ArgumentTypeError(f"peer must be a Contact, not {type(peer).__name__}")
+    return message
+
+
+def check_receive(datagram: object, source: object) -> bytes:
+    """``datagram`` as bytes, if ``receive(datagram, source, now)`` was called correctly; else
+    the caller error naming the parameter (network content itself is never checked here)."""
+    if type(datagram) is not bytes:
+        if not isinstance(datagram, (bytearray, memoryview)):
+            raise ArgumentTypeError(f"datagram must be bytes, not {type(datagram).__name__}")
+        datagram = bytes(datagram)
+    if not isinstance(source, Address):
+        raise ArgumentTypeError(f"source must be an Address, not {type(source).__name__}")
+    return datagram
+
+
 # --- key derivation ----------------------------------------------------------------------------
 
 
@@ -434,14 +463,7 @@ class SessionLayer:
     def send(self, peer: Contact, message: bytes, now: float) -> list[Outgoing]:
         """Encrypt ``message`` to ``peer``; returns the datagrams to send (possibly none, when the
         message waits for a handshake already under way)."""
-        if type(message) is not bytes:
-            if not isinstance(message, (bytearray, memoryview)):
-                raise ArgumentTypeError(f"message must be bytes, not {type(message).__name__}")
-            message = bytes(message)
-        if len(message) > MAX_MESSAGE_BYTES:
-            raise ArgumentValueError(f"message is {len(message)} bytes; at most {MAX_MESSAGE_BYTES}")
-        if not isinstance(peer, Contact):
-            raise ArgumentTypeError(f"peer must be a Contact, not {type(peer).__name__}")
+        message = check_send(peer, message)
         if not isinstance(now, (int, float)) or isinstance(now, bool):
             raise ArgumentTypeError(f"now must be a number, not {type(now).__name__}")
         key = (peer.node_id, peer.address)
@@ -457,12 +479,7 @@ class SessionLayer:
     def receive(self, datagram: bytes, source: Address, now: float) -> Received:
         """Handle one datagram from ``source``. Never raises for any bytes: a bad datagram is
         dropped and counted under its reason in :attr:`stats`."""
-        if type(datagram) is not bytes:
-            if not isinstance(datagram, (bytearray, memoryview)):
-                raise ArgumentTypeError(f"datagram must be bytes, not {type(datagram).__name__}")
-            datagram = bytes(datagram)
-        if not isinstance(source, Address):
-            raise ArgumentTypeError(f"source must be an Address, not {type(source).__name__}")
+        datagram = check_receive(datagram, source)
         try:
             return self._receive(datagram, source, now)
         except Exception:  # a bug; never let network input crash the engine
