@@ -72,6 +72,12 @@ def _bound_text(endpoint: UdpEndpoint) -> str:
     return f"[{host}]:{port}" if endpoint.version == 6 else f"{host}:{port}"
 
 
+def _as_contact(contact: Contact | str) -> Contact:
+    """A Contact as given, or parsed from a pinned line (anything else is left to the engine's
+    type check)."""
+    return Contact.parse(contact) if isinstance(contact, str) else contact
+
+
 class _Call:
     __slots__ = ("kind", "future", "finished")
 
@@ -279,7 +285,7 @@ class DhtNode:
         engine = self._open_engine()
         if isinstance(contacts, (str, bytes)) or not isinstance(contacts, Iterable):
             raise ArgumentTypeError(f"contacts must be an iterable of Contact, not {type(contacts).__name__}")
-        parsed = [Contact.parse(c) if isinstance(c, str) else c for c in contacts]
+        parsed = [_as_contact(c) for c in contacts]
         if not parsed:
             raise ArgumentValueError("bootstrap needs at least one contact")
         now = self._now()
@@ -327,16 +333,14 @@ class DhtNode:
         the round-trip time in seconds if it answered (it then holds its key at that address and
         is in the routing table), else None. Takes at most about twice the request timeout."""
         engine = self._open_engine()
-        contact = Contact.parse(contact) if isinstance(contact, str) else contact
-        finished = await self._call("ping", engine.ping(contact, self._now()))
+        finished = await self._call("ping", engine.ping(_as_contact(contact), self._now()))
         return finished.rtt_s if finished.answered else None
 
     async def fetch_record(self, contact: Contact | str) -> PeerRecord | None:
         """Ask ``contact`` directly for its own signed record (one FIND_VALUE): the verified
         record, or None if it did not answer or holds none. See :meth:`find_record` to search."""
         engine = self._open_engine()
-        contact = Contact.parse(contact) if isinstance(contact, str) else contact
-        found = await self._call("fetch_record", engine.fetch_record(contact, self._now()))
+        found = await self._call("fetch_record", engine.fetch_record(_as_contact(contact), self._now()))
         return found.record
 
     async def announce(self, *, deadline_s: float | None = None) -> int:

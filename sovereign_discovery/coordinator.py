@@ -354,11 +354,11 @@ class PeerDiscoveryCoordinator:
         self._check_open()
         held = self._table.get(node_id)
         if held is not None and not held.record.is_expired(time.time()):
-            self._count["find_peer_from_table"] += 1
+            self._count["lookup.find_peer_from_table"] += 1
             return held
         if not self._config.dht.enabled:
             return None
-        self._count["find_peer_from_dht"] += 1
+        self._count["lookup.find_peer_from_dht"] += 1
         record = await self._node.find_record(node_id, deadline_s=deadline_s)
         if record is None or self._state != "open":
             return None
@@ -378,7 +378,7 @@ class PeerDiscoveryCoordinator:
         if not 1 <= count <= 1000:
             raise ArgumentValueError(f"count must be in 1..1000, not {count}")
         self._check_open()
-        held = [p for p in self._table.peers(capability=capability) if p.node_id != self.node_id]
+        held = self._table.peers(capability=capability)  # never holds this node (see _observe)
         if len(held) >= count or capability is None or not self._config.dht.enabled:
             return held[:count]
         try:
@@ -389,14 +389,14 @@ class PeerDiscoveryCoordinator:
             raise
         if self._state == "open":
             for record in records:
-                if record.node_id != self.node_id:
-                    self._observe(record, "dht")
-        return [p for p in self._table.peers(capability=capability) if p.node_id != self.node_id][:count]
+                self._observe(record, "dht")
+        return self._table.peers(capability=capability)[:count]
 
     def stats(self) -> dict:
         """Counters of every part: ``peers``, ``peers_by_source``, ``events`` (by type),
         ``layers`` (state, reason, the layer's own counters), ``bootstrap``, ``cache`` (None
-        without one), ``checks`` (sightings and record fetches), and ``dht``
+        without one), ``checks`` (sightings and record fetches), ``lookups`` (find_peer answered from
+        the table or the DHT), and ``dht``
         (:meth:`DhtNode.stats`)."""
         self._check_open()
         layers = {}
@@ -415,13 +415,14 @@ class PeerDiscoveryCoordinator:
             "uptime_s": round(time.time() - self._started_at, 3),
             "joined": self._joined.is_set(),
             "peers": len(self._table),
-            "peers_local": sum(1 for p in self._table.peers() if p.local),
+            "peers_local": sum(1 for p in self._table if p.local),
             "peers_by_source": self._table.count_by_source(),
             "peers_evicted": self._table.evicted,
             "events": {k[6:]: v for k, v in sorted(count.items()) if k.startswith("event.")},
             "events_dropped": count["events_dropped"],
             "callback_errors": count["callback_errors"],
             "checks": {k[6:]: v for k, v in sorted(count.items()) if k.startswith("check.")},
+            "lookups": {k[7:]: v for k, v in sorted(count.items()) if k.startswith("lookup.")},
             "layers": layers,
             "bootstrap": {
                 "state": self._bootstrap_state,
@@ -591,7 +592,7 @@ class PeerDiscoveryCoordinator:
         record = await self._node.fetch_record(contact)
         if self._state != "open":
             return
-        if record is None or record.node_id != contact.node_id:
+        if record is None:  # the engine accepts only a valid record of the key asked
             self._count["check.record_fetch_failed"] += 1
             return
         if self._node.engine.table.get(contact.node_id) is None:
@@ -602,11 +603,7 @@ class PeerDiscoveryCoordinator:
                                 rssi: int | None, check_reachable: bool) -> None:
         if check_reachable:
             self._count["check.pings"] += 1
-            candidates = [address] if address is not None else list(record.addresses)
-            for where in candidates[:4]:
-                if await self._node.ping(Contact(record.public_key, where)) is not None:
-                    break
-            else:
+            if not await self._answers(record, [address] if address is not None else record.addresses):
                 self._count["check.unreachable"] += 1
                 _log.info("%s saw %s but it does not answer an authenticated PING", source,
                           record.node_id.short())
@@ -620,9 +617,7 @@ class PeerDiscoveryCoordinator:
     def _sighting(self, layer: str, record: object, address: object, rssi: object, check_reachable: bool) -> None:
         if self._state != "open":
             return
-        if not isinstance(record, PeerRecord) or (address is not None and not isinstance(address, Address)) \
-                or (rssi is not None and (isinstance(rssi, bool) or not isinstance(rssi, int))):
-            self._count["check.bad_sighting"] += 1
+        if not self._valid_sighting(record, address, rssi):
             _log.warning("layer %s reported a sighting of the wrong types (%s, %s, %s): ignored", layer,
                          type(record).__name__, type(address).__name__, type(rssi).__name__)
             return
@@ -644,6 +639,15 @@ class PeerDiscoveryCoordinator:
             self._checked_at.clear()
         self._queue_check(key, ("sighting", layer, record, address, rssi, check_reachable))
 
+    def _valid_sighting(self, record: object, address: object, rssi: object = None) -> bool:
+        """A layer passed a PeerRecord, an Address (or None) and an int RSSI (or None); else it is
+        counted as a bad sighting."""
+        if (isinstance(record, PeerRecord) and (address is None or isinstance(address, Address))
+                and (rssi is None or (isinstance(rssi, int) and not isinstance(rssi, bool)))):
+            return True
+        self._count["check.bad_sighting"] += 1
+        return False
+
     def _table_bound(self) -> int:
         return max(len(self._table), 256)
 
@@ -664,12 +668,18 @@ class PeerDiscoveryCoordinator:
         PING, at ``address`` first, then at the record's addresses?"""
         if self._state != "open":
             return False
-        if not isinstance(record, PeerRecord) or (address is not None and not isinstance(address, Address)):
-            self._count["check.bad_sighting"] += 1
+        if not self._valid_sighting(record, address):
             return False
         self._count[f"check.liveness_pings_{layer}"] += 1
         candidates = [address] if address is not None else []
-        candidates += [a for a in record.addresses if a != address]
+        if await self._answers(record, candidates + [a for a in record.addresses if a != address]):
+            return True
+        self._count[f"check.liveness_unanswered_{layer}"] += 1
+        return False
+
+    async def _answers(self, record: PeerRecord, candidates: Sequence[Address]) -> bool:
+        """Whether the peer of ``record`` answers an authenticated PING at one of the first four
+        ``candidates``, tried in order."""
         for where in candidates[:4]:
             try:
                 if await self._node.ping(Contact(record.public_key, where)) is not None:
@@ -678,7 +688,6 @@ class PeerDiscoveryCoordinator:
                 return False
             except SovereignDiscoveryError:  # an address a contact cannot have (a zone)
                 continue
-        self._count[f"check.liveness_unanswered_{layer}"] += 1
         return False
 
     # --- tasks ---------------------------------------------------------------------------------------
@@ -792,7 +801,7 @@ class PeerDiscoveryCoordinator:
         most REFRESH_BEFORE_EXPIRY_S) left, at most once per REFETCH_AFTER_S."""
         table = self._node.engine.table
         last = self._refetched
-        for peer in self._table.peers():
+        for peer in list(self._table):
             record = peer.record
             left = record.expires_at - now
             lifetime = max(record.expires_at - peer.first_seen, 1.0)

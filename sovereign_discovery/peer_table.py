@@ -102,6 +102,10 @@ class PeerTable:
     def __len__(self) -> int:
         return len(self._peers)
 
+    def __iter__(self):
+        """The entries in no particular order (``peers()`` sorts)."""
+        return iter(self._peers.values())
+
     def __contains__(self, node_id: object) -> bool:
         return node_id in self._peers
 

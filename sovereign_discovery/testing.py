@@ -26,8 +26,12 @@ from typing import Callable, Protocol
 
 from .addresses import Address
 from .errors import ArgumentTypeError, ArgumentValueError
+from .identity import Identity
+from .layers import LayerContext
+from .peer_table import PeerInfo
+from .records import PeerRecord
 
-__all__ = ["SimulatedHost", "LinkModel", "SimulatedNetwork"]
+__all__ = ["SimulatedHost", "LinkModel", "SimulatedNetwork", "RecordingLayerContext"]
 
 
 class SimulatedHost(Protocol):
@@ -222,3 +226,53 @@ class SimulatedNetwork:
         self._timer_version[address] = version
         if deadline is not None:
             self._push(max(deadline, self._now), _TIMER, (address, version))
+
+
+
+class RecordingLayerContext(LayerContext):
+    """A stand-in for the coordinator as a local layer sees it (:class:`~sovereign_discovery.
+    layers.LayerContext`), to test a layer alone: it holds an own record (change it with
+    :meth:`change_own_record`), answers ``known_peer(s)`` from the ``known`` records, and records
+    what the layer reports: ``seen`` gets ``(record, address, rssi, check_reachable)`` per
+    ``peer_seen``, ``gone`` a node ID per ``peer_gone``. It cannot PING (see ``LayerContext.ping``)."""
+
+    def __init__(self, identity: Identity | None = None, own: PeerRecord | None = None,
+                 known: tuple[PeerRecord, ...] = ()) -> None:
+        self._identity = identity if identity is not None else Identity.generate()
+        self.own = own
+        self.known = {bytes(r.node_id): r for r in known}
+        self.callbacks: list[Callable[[PeerRecord], None]] = []
+        self.seen: list[tuple] = []
+        self.gone: list[bytes] = []
+
+    @property
+    def identity(self) -> Identity:
+        return self._identity
+
+    @property
+    def own_record(self) -> PeerRecord | None:
+        return self.own
+
+    def on_own_record_changed(self, callback: Callable[[PeerRecord], None]) -> None:
+        self.callbacks.append(callback)
+        if self.own is not None:
+            callback(self.own)
+
+    def change_own_record(self, record: PeerRecord) -> None:
+        self.own = record
+        for callback in self.callbacks:
+            callback(record)
+
+    def peer_seen(self, record, *, address=None, rssi=None, check_reachable=True) -> None:
+        self.seen.append((record, address, rssi, check_reachable))
+
+    def peer_gone(self, node_id: bytes) -> None:
+        self.gone.append(bytes(node_id))
+
+    def known_peer(self, node_id: bytes) -> PeerInfo | None:
+        record = self.known.get(bytes(node_id))
+        return None if record is None else PeerInfo(record.node_id, record, frozenset({"dht"}), 0.0, 0.0,
+                                                   record.addresses)
+
+    def known_peers(self) -> list[PeerInfo]:
+        return [self.known_peer(key) for key in self.known]

@@ -36,6 +36,7 @@ from sovereign_discovery.coordinator import LayerStateChanged, PeerDiscovered, P
 from sovereign_discovery.errors import ArgumentValueError
 from sovereign_discovery.layers import LayerContext, LayerUnavailable
 from sovereign_discovery.peer_table import PeerInfo
+from sovereign_discovery.testing import RecordingLayerContext
 
 from .helpers import run_bounded
 from .test_coordinator import eventually
@@ -53,51 +54,21 @@ def make_record(identity: Identity | None = None, *, seq: int = 1, addresses=(),
                              capabilities=capabilities, seq=seq, expires_at=int(time.time()) + ttl_s)
 
 
-class RecordingContext(LayerContext):
-    """What the coordinator offers a layer, recording what the layer reports."""
+class RecordingContext(RecordingLayerContext):
+    """The shared recording context; a BLE sighting never carries an IP address, so ``seen``
+    keeps ``(record, rssi, check_reachable)``, and ``known_peers`` calls are counted."""
 
     def __init__(self, own: PeerRecord | None = None, known: tuple[PeerRecord, ...] = ()) -> None:
-        self._identity = Identity.generate()
-        self.own = own
-        self.known = {bytes(r.node_id): r for r in known}
-        self.seen: list[tuple[PeerRecord, int | None, bool]] = []
-        self.gone: list[bytes] = []
-        self.callbacks: list = []
+        super().__init__(own=own, known=known)
         self.known_peers_calls = 0
-
-    @property
-    def identity(self) -> Identity:
-        return self._identity
-
-    @property
-    def own_record(self) -> PeerRecord | None:
-        return self.own
-
-    def on_own_record_changed(self, callback) -> None:
-        self.callbacks.append(callback)
-        if self.own is not None:
-            callback(self.own)
-
-    def change_own_record(self, record: PeerRecord) -> None:
-        self.own = record
-        for callback in self.callbacks:
-            callback(record)
 
     def peer_seen(self, record, *, address=None, rssi=None, check_reachable=True) -> None:
         assert address is None
         self.seen.append((record, rssi, check_reachable))
 
-    def peer_gone(self, node_id: bytes) -> None:
-        self.gone.append(bytes(node_id))
-
-    def known_peer(self, node_id: bytes) -> PeerInfo | None:
-        record = self.known.get(bytes(node_id))
-        return None if record is None else PeerInfo(record.node_id, record, frozenset({"dht"}), 0.0, 0.0,
-                                                   record.addresses)
-
     def known_peers(self) -> list[PeerInfo]:
         self.known_peers_calls += 1
-        return [self.known_peer(key) for key in self.known]
+        return super().known_peers()
 
     def seen_ids(self) -> list[bytes]:
         return [bytes(r.node_id) for r, _, _ in self.seen]

@@ -120,6 +120,7 @@ def test_nodes_join_through_a_bootstrap_node_and_find_each_other():
             assert discovered == everyone - {bytes(first.node_id)}
             # find_peer answers from the table; find_peers by capability
             assert (await first.find_peer(nodes[2].node_id)).record.has_capability("relay")
+            assert first.stats()["lookups"] == {"find_peer_from_table": 1}
             assert first.stats()["checks"].get("record_fetches", 0) >= 1
             relays = await boot.find_peers(capability="relay", count=5)
             assert ids(relays) == {bytes(nodes[1].node_id), bytes(nodes[2].node_id)}
@@ -145,7 +146,7 @@ def test_find_peer_falls_back_to_a_dht_lookup():
                 node._table.remove(stranger.node_id)  # as if the table had not learned it yet
                 peer = await node.find_peer(stranger.node_id)
                 assert peer is not None and peer.record == stranger.record and "dht" in peer.sources
-                assert node.stats()["checks"] is not None
+                assert node.stats()["lookups"] == {"find_peer_from_dht": 1}
                 absent = Identity.generate().node_id
                 assert await node.find_peer(absent, deadline_s=2.0) is None
 

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from sovereign_discovery import Address, Identity, LocalConfig, PeerRecord
 from sovereign_discovery.config import BootstrapConfig, Config
-from sovereign_discovery.layers import LayerContext, LayerUnavailable
+from sovereign_discovery.layers import LayerUnavailable
 from sovereign_discovery.mdns import (
     MAX_TXT_BYTES,
     MdnsLayer,
@@ -31,6 +31,7 @@ from sovereign_discovery.mdns import (
     instance_name,
 )
 from sovereign_discovery.mdns_transport import NOT_INSTALLED, MemoryMdnsNetwork
+from sovereign_discovery.testing import RecordingLayerContext
 
 from .helpers import run_bounded
 
@@ -57,53 +58,22 @@ def make_record(identity: Identity, *, seq: int = 1, ip: str = "192.0.2.1", port
                              expires_at=int(time.time()) + expires_in)
 
 
-class FakeContext(LayerContext):
-    """The coordinator as the layer sees it: records what the layer reports; a PING is answered
-    while the peer's node ID is in ``alive``."""
+class FakeContext(RecordingLayerContext):
+    """The shared recording context, keeping ``(record, address)`` per sighting; a PING is
+    answered while the peer's node ID is in ``alive``."""
 
     bound: list = []  # a plain attribute (a test sets it), shadowing LayerContext's property
 
     def __init__(self, identity: Identity, record: PeerRecord | None = None, *,
                  with_ping: bool = True) -> None:
-        self._identity = identity
-        self._record = record
-        self._callbacks = []
-        self.seen: list[tuple[PeerRecord, Address | None]] = []
-        self.gone: list[bytes] = []
+        super().__init__(identity, own=record)
         self.alive: set[bytes] = set()
         self.pinged: list[bytes] = []
         if not with_ping:
             self.ping = None
 
-    @property
-    def identity(self):
-        return self._identity
-
-    @property
-    def own_record(self):
-        return self._record
-
-    def on_own_record_changed(self, callback) -> None:
-        self._callbacks.append(callback)
-        if self._record is not None:
-            callback(self._record)
-
-    def change_own_record(self, record: PeerRecord) -> None:
-        self._record = record
-        for callback in self._callbacks:
-            callback(record)
-
     def peer_seen(self, record, *, address=None, rssi=None, check_reachable=True) -> None:
         self.seen.append((record, address))
-
-    def peer_gone(self, node_id) -> None:
-        self.gone.append(bytes(node_id))
-
-    def known_peer(self, node_id):
-        return None
-
-    def known_peers(self):
-        return []
 
     async def ping(self, record, address=None) -> bool:
         self.pinged.append(bytes(record.node_id))
