@@ -1,4 +1,5 @@
-"""Builds the optional C keyspace kernel; everything else is in pyproject.toml.
+"""Builds the optional C extensions (the keyspace kernel and the serving fast path); everything
+else is in pyproject.toml.
 
 The extension is optional: without a compiler the package installs and runs on its pure-Python
 twin, and says so (sovereign_discovery.KERNEL, a KernelFallbackWarning). Set
@@ -18,6 +19,12 @@ setup(
             sources=["sovereign_discovery/_keyspace.c"],
             extra_compile_args=compile_args,
             optional=True,
-        )
+        ),
+        Extension(
+            "sovereign_discovery._fastpath",
+            sources=["sovereign_discovery/_fastpath.c"],
+            extra_compile_args=compile_args,
+            optional=True,
+        ),
     ]
 )

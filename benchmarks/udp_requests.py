@@ -25,15 +25,18 @@ Processes (every one is this file, started with ``subprocess`` and a hidden mode
   Ours speaks the protocol with the library's own sans-IO parts over a plain connected UDP socket:
   one :class:`~sovereign_discovery.session.SessionLayer` handshake (answered by a PING), then a
   window of ``--window`` requests in flight (``wire.encode_message`` bytes of ``Ping`` /
-  ``FindNode`` with each request's ID spliced in, through ``SessionLayer.send``), keyed by request
-  ID and refilled as answers arrive. An answer counts only if the session layer authenticated it,
+  ``FindNode`` with each request's ID spliced in, sealed in the session's ``Cipher`` from
+  ``SessionLayer.session_cipher``: the packets ``SessionLayer.send`` would make), keyed by request
+  ID and refilled as answers arrive. An answer counts only if the session authenticated it,
   its request ID is one in flight and its type is the expected one (PONG / NODES, with a plausible
   NODES header); every 256th answer is also fully decoded with ``wire.decode_message``. The kademlia
   client sends rpcudp datagrams itself (``0x00 || msg_id (20) || msgpack([name, args])``, exactly
   what ``RPCProtocol`` sends) and counts an answer only if it is ``0x01 || msg_id`` of a request in
   flight with the expected body (the server's node ID for ping; a msgpack array for find_node, fully
   unpacked every 256th). rpcudp itself would add a future, a timer and two tasks per call to the
-  client. Requests unanswered after ``--timeout`` are counted lost and replaced.
+  client. Requests unanswered after ``--timeout`` are counted lost and replaced. Both clients
+  read and write in batches (``recvmmsg`` / ``sendmmsg`` through ``sovereign_discovery.fastpath``'s
+  ``recv_batch`` / ``send_batch``).
 
 One measurement: the clients handshake, then on ``go`` send for ``--warmup`` seconds, then for
 ``--duration`` seconds (the window), then stop sending and wait up to ``--timeout`` for what is in
@@ -49,6 +52,8 @@ those of the round with the median rate, and ``repeats`` lists every round). Fig
   all threads) between the two marks, divided by the FIND_NODE requests it answered between them
   (its NODES messages out). Both counts come from the server at the same instants, so the ratio
   does not depend on how quickly the parent's marks arrive;
+- ``server_kernel_cpu_fraction``: the share of the server's CPU time spent in the kernel
+  (``os.times().system``: system calls and, on loopback, the network stack of both directions);
 - ``server_cpu_utilization`` and ``client_cpu_utilization``: CPU seconds / wall seconds in the
   window, per process; the side near 1.0 is the one that saturates (``bottleneck``);
 - ``server_runqueue_wait_fraction`` (Linux ``/proc/self/schedstat``: runnable but waiting for a
@@ -98,6 +103,7 @@ if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
 from sovereign_discovery import keys  # noqa: E402
+from sovereign_discovery.fastpath import MAX_BATCH, recv_batch, send_batch  # noqa: E402
 from sovereign_discovery.addresses import Address  # noqa: E402
 from sovereign_discovery.identity import Identity  # noqa: E402
 from sovereign_discovery.routing import Contact, Inserted, RoutingTable  # noqa: E402
@@ -310,7 +316,8 @@ async def serve_ours(config: dict[str, Any]) -> None:
         def mark() -> dict[str, Any]:
             stats = node.stats()
             drops = {k: v for k, v in stats["drops"].items() if v}
-            return {"t": time.monotonic(), "cpu": time.process_time(), "sched": _schedstat(),
+            return {"t": time.monotonic(), "cpu": time.process_time(), "sys": os.times().system,
+                    "sched": _schedstat(),
                     "in": stats["messages_in"],
                     "out": stats["messages_out"], "drops": drops, "table_size": stats["table_size"],
                     "sessions": stats["sessions"], "udp": stats["udp"]}
@@ -385,7 +392,8 @@ async def serve_kademlia(config: dict[str, Any]) -> None:
         port = server.transport.get_extra_info("sockname")[1]
 
         def mark() -> dict[str, Any]:
-            return {"t": time.monotonic(), "cpu": time.process_time(), "sched": _schedstat(),
+            return {"t": time.monotonic(), "cpu": time.process_time(), "sys": os.times().system,
+                    "sched": _schedstat(),
                     "answered": dict(answered)}
 
         def handle(command: dict[str, Any]) -> None:
@@ -480,10 +488,12 @@ def _wait_go(args: argparse.Namespace) -> None:
         raise BenchError("client: failing on purpose (--inject-failure client)")
 
 
-def _run_window(sock: socket.socket, state: _Window, send_one, on_datagram, warmup_s: float,
-                duration_s: float) -> dict[str, Any]:
-    """The measured loop shared by both clients: warm-up, window, drain (all bounded in time)."""
-    recv = sock.recv
+def _run_window(sock: socket.socket, state: _Window, send_one, on_datagram, outbox: list[bytes],
+                warmup_s: float, duration_s: float) -> dict[str, Any]:
+    """The measured loop shared by both clients: warm-up, window, drain (all bounded in time).
+    Both read and write in batches (recvmmsg / sendmmsg through sovereign_discovery.fastpath's
+    recv_batch / send_batch): ``send_one`` appends datagrams to ``outbox``, sent after each batch
+    of answers is handled."""
     monotonic = time.monotonic
     inflight = state.inflight
     start = monotonic()
@@ -492,23 +502,22 @@ def _run_window(sock: socket.socket, state: _Window, send_one, on_datagram, warm
     drain_until = end_at + state.timeout_s
     for _ in range(state.window):
         send_one(start)
+    _send_all(sock, outbox)
     sending, opened = True, False
     cpu_open = cpu_close = wall_open = wall_close = 0.0
     sched_open = sched_close = None
     next_expire = start + state.timeout_s / 4
+    latencies = state.latencies
     while True:
-        try:
-            data = recv(2048)
-        except BlockingIOError:
-            data = None
+        batch = recv_batch(sock, MAX_BATCH, 2048)
         now = monotonic()
-        if data is not None:
+        for data in batch:
             sent_at = on_datagram(data, now)
             if sent_at is not None and sending:
                 if opened:
                     state.in_window += 1
-                    if len(state.latencies) < MAX_LATENCY_SAMPLES:
-                        state.latencies.append(now - sent_at)
+                    if len(latencies) < MAX_LATENCY_SAMPLES:
+                        latencies.append(now - sent_at)
                 send_one(now)
         if not opened and now >= window_at:
             opened = True
@@ -526,7 +535,9 @@ def _run_window(sock: socket.socket, state: _Window, send_one, on_datagram, warm
                 for _ in range(lost):
                     send_one(now)
             next_expire = now + state.timeout_s / 4
-        if data is None:
+        if outbox:
+            _send_all(sock, outbox)
+        if not batch:
             select.select([sock], [], [], 0.005)
     state.lost += len(inflight)
     inflight.clear()
@@ -554,6 +565,18 @@ def _run_window(sock: socket.socket, state: _Window, send_one, on_datagram, warm
             "max": _ms(latencies[-1] if latencies else None),
         },
     }
+
+
+def _send_all(sock: socket.socket, outbox: list[bytes]) -> None:
+    """Send and empty ``outbox`` (bounded: waits at most 1 s for the socket to drain)."""
+    deadline = time.monotonic() + 1.0
+    while outbox:
+        sent = send_batch(sock, outbox)
+        del outbox[:sent]
+        if outbox:
+            if time.monotonic() >= deadline:
+                raise BenchError(f"client: {len(outbox)} requests could not be sent for 1 s")
+            select.select([], [sock], [], 0.01)
 
 
 def _wait_fraction(first: list[int] | None, last: list[int] | None, wall_s: float) -> float | None:
@@ -609,53 +632,72 @@ def client_ours(args: argparse.Namespace) -> dict[str, Any]:
     nodes_counts: dict[int, int] = {}
     send = sock.send
     layer_send, layer_receive = layer.send, layer.receive
+    outbox: list[bytes] = []
+    own_id = bytes(identity.node_id)
+    # After the handshake the client seals and opens in its session's Cipher directly
+    # (SessionLayer.session_cipher: the same packets SessionLayer.send makes, without its
+    # per-call checks), so that it stays cheaper than the server it loads.
+    cipher = None
 
     def send_one(now: float) -> None:
         nonlocal counter
         counter += 1
         rid = pack_id(counter)
         message = head + rid + bodies[counter & mask]
-        for out in layer_send(server, message, now):
-            send(out.datagram)
+        if cipher is not None:
+            outbox.append(cipher.seal(own_id, message))
+        else:
+            for out in layer_send(server, message, now):
+                outbox.append(out.datagram)
         inflight[rid] = now
         state.sent += 1
 
     def on_datagram(data: bytes, now: float) -> float | None:
+        nonlocal cipher
+        message = cipher.open(data) if cipher is not None else None
+        if type(message) is bytes:
+            return on_message(message)
+        # anything else through the session layer (a WHOAREYOU: the server lost the session)
         received = layer_receive(data, source, now)
-        for out in received.outgoing:  # a re-handshake, should the server have lost the session
+        for out in received.outgoing:
             send(out.datagram)
+        cipher = layer.session_cipher(server.node_id, source, now)
         result = None
         for delivered in received.delivered:
-            message = delivered.message
-            if message[0] in REQUEST_TYPES:
-                state.server_requests += 1
-                continue
-            sent_at = inflight.pop(message[1:9], None)
-            if sent_at is None:
-                state.stray(message[1:9])
-                continue
-            if message[0] != expected:
-                state.unexpected += 1
-                continue
-            if expected == NODES:
-                total, count = message[9], message[10]
-                if total != 1 or not 1 <= count <= BUCKET_SIZE:
-                    state.unexpected += 1
-                    continue
-                nodes_counts[count] = nodes_counts.get(count, 0) + 1
-            state.answered += 1
-            if state.answered % VERIFY_EVERY == 1:
-                decoded = decode_message(message)
-                if kind == "find_node":
-                    ok = isinstance(decoded, Nodes) and len(decoded.contacts) == message[10]
-                else:
-                    ok = (type(decoded).__name__ == "Pong"
-                          and decoded.observed.port == sock.getsockname()[1])
-                if not ok:
-                    raise BenchError(f"answer failed full decoding: {decoded!r}")
-                state.verified += 1
-            result = sent_at
+            sent_at = on_message(delivered.message)
+            if sent_at is not None:
+                result = sent_at
         return result
+
+    def on_message(message: bytes) -> float | None:
+        if message[0] in REQUEST_TYPES:
+            state.server_requests += 1
+            return None
+        sent_at = inflight.pop(message[1:9], None)
+        if sent_at is None:
+            state.stray(message[1:9])
+            return None
+        if message[0] != expected:
+            state.unexpected += 1
+            return None
+        if expected == NODES:
+            total, count = message[9], message[10]
+            if total != 1 or not 1 <= count <= BUCKET_SIZE:
+                state.unexpected += 1
+                return None
+            nodes_counts[count] = nodes_counts.get(count, 0) + 1
+        state.answered += 1
+        if state.answered % VERIFY_EVERY == 1:
+            decoded = decode_message(message)
+            if kind == "find_node":
+                ok = isinstance(decoded, Nodes) and len(decoded.contacts) == message[10]
+            else:
+                ok = (type(decoded).__name__ == "Pong"
+                      and decoded.observed.port == sock.getsockname()[1])
+            if not ok:
+                raise BenchError(f"answer failed full decoding: {decoded!r}")
+            state.verified += 1
+        return sent_at
 
     # The handshake: one PING, answered (the session layer re-sends its random packet if needed).
     deadline = time.monotonic() + HANDSHAKE_TIMEOUT_S
@@ -685,10 +727,13 @@ def client_ours(args: argparse.Namespace) -> dict[str, Any]:
             send(out.datagram)
         answered = any(d.message[:1] == bytes((PONG,)) and d.message[1:9] == rid
                        for d in received.delivered)
+    cipher = layer.session_cipher(server.node_id, source, time.monotonic())
+    if cipher is None:
+        raise BenchError("client: no established session after the handshake")
     _emit({"event": "ready", "handshakes": layer.stats["handshakes_initiated"]})
     _wait_go(args)
     try:
-        result = _run_window(sock, state, send_one, on_datagram, args.warmup, args.duration)
+        result = _run_window(sock, state, send_one, on_datagram, outbox, args.warmup, args.duration)
     except ConnectionRefusedError:
         raise BenchError("client: the server's port became unreachable (did it die?)") from None
     result["nodes_per_answer"] = {str(k): v for k, v in sorted(nodes_counts.items())}
@@ -716,12 +761,13 @@ def client_kademlia(args: argparse.Namespace) -> dict[str, Any]:
     counter = 0
     send = sock.send
     array_heads = set(range(0x90, 0xA0)) | {0xDC, 0xDD}
+    outbox: list[bytes] = []
 
     def send_one(now: float) -> None:
         nonlocal counter
         counter += 1
         msg_id = id_head + pack_id(counter)
-        send(prefix + msg_id + bodies[counter & (len(bodies) - 1)])
+        outbox.append(prefix + msg_id + bodies[counter & (len(bodies) - 1)])
         inflight[msg_id] = now
         state.sent += 1
 
@@ -775,7 +821,7 @@ def client_kademlia(args: argparse.Namespace) -> dict[str, Any]:
     _emit({"event": "ready"})
     _wait_go(args)
     try:
-        return _run_window(sock, state, send_one, on_datagram, args.warmup, args.duration)
+        return _run_window(sock, state, send_one, on_datagram, outbox, args.warmup, args.duration)
     except ConnectionRefusedError:
         raise BenchError("client: the kademlia server's port became unreachable (did it die?)"
                          ) from None
@@ -972,6 +1018,9 @@ def summarize(impl: str, kind: str, results: list[dict[str, Any]], first: dict[s
         "server_cpu_us_per_request": (round(cpu / server_answered * 1e6, 2)
                                       if server_answered else None),
         "server_cpu_utilization": round(server_util, 3) if server_util is not None else None,
+        # the share of that CPU time spent in the kernel (system calls, the loopback network stack)
+        "server_kernel_cpu_fraction": (round((last["sys"] - first["sys"]) / cpu, 3)
+                                       if cpu > 0 and "sys" in first else None),
         "server_runqueue_wait_fraction": server_wait,
         "server_cpu_steal_fraction": steal,
         "server_cpu_demand": round(server_demand, 3) if server_demand is not None else None,
@@ -1243,6 +1292,7 @@ ROWS = [
     ("answered per second (server side)", "server_rate_per_s"),
     ("server CPU µs per answered request (median)", "server_cpu_us_per_request_median"),
     ("server CPU utilization (CPU s / wall s)", "server_cpu_utilization"),
+    ("server CPU share in the kernel", "server_kernel_cpu_fraction"),
     ("server waiting for a CPU (fraction of wall)", "server_runqueue_wait_fraction"),
     ("server's CPU stolen by the hypervisor", "server_cpu_steal_fraction"),
     ("client CPU utilization", "client_cpu_utilization"),

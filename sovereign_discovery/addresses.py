@@ -48,6 +48,7 @@ class Address:
     # every process (an Address may be pickled across processes).
     _hash: int = field(init=False, repr=False, compare=False)
     _encoded: bytes | None = field(init=False, repr=False, compare=False)
+    _loopback: bool | None = field(init=False, repr=False, compare=False)
 
     def __init__(self, ip: IPAddress | str, port: int) -> None:
         if isinstance(ip, str):
@@ -88,6 +89,16 @@ class Address:
     def version(self) -> int:
         return self.ip.version
 
+    @property
+    def is_loopback(self) -> bool:
+        """Whether the IP is a loopback address (cached: ipaddress's check costs microseconds,
+        and the engine asks for every request it admits)."""
+        loopback = self._loopback
+        if loopback is None:
+            loopback = self.ip.is_loopback
+            object.__setattr__(self, "_loopback", loopback)
+        return loopback
+
     def ip_group(self, ipv4_prefix_bits: int = 24, ipv6_prefix_bits: int = 48) -> tuple[int, int]:
         """``(version, network)`` of the address's /24 (IPv4) or /48 (IPv6) by default: the unit
         for diversity limits (one operator rarely holds many such prefixes)."""
@@ -122,6 +133,7 @@ def _init(address: Address, ip: IPAddress, port: int) -> None:
     object.__setattr__(address, "port", port)
     object.__setattr__(address, "_hash", hash((ip.version, int(ip), port)))
     object.__setattr__(address, "_encoded", None)
+    object.__setattr__(address, "_loopback", None)
 
 
 def _raw_problem(kind: int, raw: bytes, port: int) -> str | None:

@@ -98,6 +98,9 @@ class DhtNode:
     and a majority of them agree). Without ``advertised_address`` the node also follows those
     reports when they disagree with the bound address (behind a NAT). ``on_event`` is called with every engine event (routing-table
     changes, external-address changes, lookup results) on the loop; it must not block.
+    ``fast_path`` (default on) answers PING and FIND_NODE in established sessions through the
+    serving fast path (:mod:`sovereign_discovery.fastpath`, docs/engine.md); off, every datagram
+    takes the engine's own path (the answers are the same).
     """
 
     def __init__(
@@ -109,6 +112,7 @@ class DhtNode:
         config: DhtConfig = DhtConfig(),
         advertised_address: Address | None = None,
         on_event: Callable[[Event], None] | None = None,
+        fast_path: bool = True,
     ) -> None:
         if not isinstance(identity, Identity):
             raise ArgumentTypeError(f"identity must be an Identity, not {type(identity).__name__}")
@@ -134,12 +138,15 @@ class DhtNode:
                 f"advertised_address must be an Address, not {type(advertised_address).__name__}")
         if on_event is not None and not callable(on_event):
             raise ArgumentTypeError("on_event must be callable")
+        if not isinstance(fast_path, bool):
+            raise ArgumentTypeError(f"fast_path must be a bool, not {type(fast_path).__name__}")
         self._identity = identity
         self._hosts = hosts
         self._port = port
         self._config = config
         self._advertised = advertised_address
         self._on_event = on_event
+        self._fast_path = fast_path
         self._engine: DhtEngine | None = None
         self._endpoints: dict[int, UdpEndpoint] = {}  # IP version -> endpoint
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -174,6 +181,11 @@ class DhtNode:
                                  now=now, unix_offset=time.time() - now, advertised_address=advertised,
                                  learn_address=self._advertised is None,
                                  families=tuple(self._endpoints))
+        responder = self._engine.make_responder() if self._fast_path else None
+        if responder is not None:
+            for endpoint in self._endpoints.values():
+                endpoint.use_responder(responder, self._on_batched_datagram, self._on_message,
+                                       self._loop.time, self._flush_if_open)
         self._state = "open"
         self._arm()
         return self
@@ -389,6 +401,18 @@ class DhtNode:
             return
         engine.receive_datagram(data, source, self._loop.time())  # never raises
         self._flush()
+
+    def _on_batched_datagram(self, data: bytes, source: Address) -> None:
+        if self._state == "open":
+            self._engine.receive_datagram(data, source, self._loop.time())  # never raises
+
+    def _on_message(self, peer: Contact, message: bytes) -> None:
+        if self._state == "open":
+            self._engine.receive_message(peer, message, self._loop.time())  # never raises
+
+    def _flush_if_open(self) -> None:
+        if self._state == "open":
+            self._flush()
 
     def _on_timer(self) -> None:
         due = self._timer_at

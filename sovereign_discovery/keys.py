@@ -17,6 +17,7 @@ import base64
 import binascii
 import bisect
 import hashlib
+import importlib
 import os
 import warnings
 from collections.abc import Iterable
@@ -45,6 +46,8 @@ __all__ = [
     "kernel_module",
     "PURE_PYTHON_ENV",
     "REQUIRE_C_ENV",
+    "select_extension",
+    "named_extension",
 ]
 
 PURE_PYTHON_ENV = "SOVEREIGN_DISCOVERY_PURE_PYTHON"
@@ -55,45 +58,53 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
 
 
-def _select_kernel() -> tuple[ModuleType, str, str]:
+def select_extension(c_name: str, twin: ModuleType) -> tuple[ModuleType, str, str]:
+    """The module to use for the C extension ``c_name`` of this package or its pure-Python
+    ``twin``, by the rules in the module docstring: ``(module, "c" or "python", reason)``."""
     pure, require_c = _flag(PURE_PYTHON_ENV), _flag(REQUIRE_C_ENV)
     if pure and require_c:
         raise KernelUnavailableError(f"{PURE_PYTHON_ENV} and {REQUIRE_C_ENV} are both set; set one")
     if pure:
-        return _keyspace_py, "python", f"forced by {PURE_PYTHON_ENV}=1"
+        return twin, "python", f"forced by {PURE_PYTHON_ENV}=1"
     try:
-        from . import _keyspace  # type: ignore[attr-defined]
+        module = importlib.import_module(f"{__package__}.{c_name}")
     except ImportError as exc:
         if require_c:
             raise KernelUnavailableError(
-                f"{REQUIRE_C_ENV}=1 but the C extension sovereign_discovery._keyspace could not be"
+                f"{REQUIRE_C_ENV}=1 but the C extension {__package__}.{c_name} could not be"
                 f" loaded ({exc}); reinstall with a C compiler and Python headers"
                 " (pip install -e .)"
             ) from exc
-        reason = f"C extension unavailable ({exc}); using the pure-Python kernel"
+        reason = f"C extension {c_name} unavailable ({exc}); using its pure-Python twin"
         warnings.warn(reason, KernelFallbackWarning, stacklevel=3)
-        return _keyspace_py, "python", reason
-    return _keyspace, "c", "C extension loaded"
+        return twin, "python", reason
+    return module, "c", "C extension loaded"
 
 
-_kernel, KERNEL, KERNEL_REASON = _select_kernel()
+_kernel, KERNEL, KERNEL_REASON = select_extension("_keyspace", _keyspace_py)
+
+
+def named_extension(name: str | None, c_name: str, twin: ModuleType, active: ModuleType,
+                    what: str) -> ModuleType:
+    """``active`` for None, the C extension ``c_name`` for ``"c"`` (KernelUnavailableError naming
+    ``what`` if it was not built), ``twin`` for ``"python"``."""
+    if name is None:
+        return active
+    if name == "python":
+        return twin
+    if name == "c":
+        try:
+            return importlib.import_module(f"{__package__}.{c_name}")
+        except ImportError as exc:
+            raise KernelUnavailableError(f"{what} is not built: {exc}") from exc
+    raise ArgumentValueError(f"name must be 'c', 'python' or None, not {name!r}")
 
 
 def kernel_module(name: str | None = None) -> ModuleType:
     """The active kernel module, or the one named ``"c"`` or ``"python"`` (tests use this to run
     both side by side). Raises :class:`KernelUnavailableError` if the C one is asked for but was
     not built."""
-    if name is None:
-        return _kernel
-    if name == "python":
-        return _keyspace_py
-    if name == "c":
-        try:
-            from . import _keyspace  # type: ignore[attr-defined]
-        except ImportError as exc:
-            raise KernelUnavailableError(f"the C kernel is not built: {exc}") from exc
-        return _keyspace
-    raise ArgumentValueError(f"name must be 'c', 'python' or None, not {name!r}")
+    return named_extension(name, "_keyspace", _keyspace_py, _kernel, "the C kernel")
 
 
 # --- node IDs ----------------------------------------------------------------------------------

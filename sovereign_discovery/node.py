@@ -76,6 +76,7 @@ from .events import (
     RecordAnnounced,
     RecordFound,
 )
+from .fastpath import FASTPATH_KERNEL, Responder
 from .identity import Identity
 from .keys import NodeId, check_node_id
 from .lookup import Lookup, LookupParams
@@ -396,6 +397,7 @@ class DhtEngine:
         self._stats_retries = 0
         names = [t.name.lower() for t in MessageType]
         self._in: dict[str, int] = dict.fromkeys(names, 0)
+        self._responder = None  # the serving fast path (make_responder), if the driver uses one
         self._sent: dict[str, int] = dict.fromkeys(names, 0)
 
     # --- inspection ---------------------------------------------------------------------------------
@@ -453,9 +455,17 @@ class DhtEngine:
         drops = dict(self._drops)
         for reason in SESSION_DROP_REASONS:
             drops["session." + reason] = session[reason]
+        messages_in, messages_out = dict(self._in), dict(self._sent)
+        responder = self._responder
+        if responder is not None:  # what the serving fast path answered
+            fast = responder.counters()
+            messages_in["ping"] += fast["ping_in"]
+            messages_in["find_node"] += fast["find_node_in"]
+            messages_out["pong"] += fast["pong_out"]
+            messages_out["nodes"] += fast["nodes_out"]
         return {
-            "messages_in": dict(self._in),
-            "messages_out": dict(self._sent),
+            "messages_in": messages_in,
+            "messages_out": messages_out,
             "drops": drops,
             "table_size": len(self._table),
             "sessions": session["sessions"],
@@ -470,6 +480,8 @@ class DhtEngine:
             "rate_limited_ips": len(self._ip_buckets),
             "store": self._store.stats,
             "session": session,
+            "fast_path": None if responder is None else {
+                "kernel": FASTPATH_KERNEL, "sessions_indexed": responder.indexed(), **fast},
         }
 
     # --- host interface ------------------------------------------------------------------------------
@@ -483,6 +495,31 @@ class DhtEngine:
                 self._on_message(delivered.peer, delivered.message, now)
         except Exception:  # a bug: never let network input crash the engine
             self._drop("internal_error", "datagram from %s raised", source, exc_info=True)
+
+    def receive_message(self, peer: Contact, data: bytes, now: float) -> None:
+        """A message the serving fast path decrypted in a session with ``peer`` and left to the
+        engine (docs/engine.md, "The serving fast path"). Never raises."""
+        try:
+            self._on_message(peer, data, now)
+        except Exception:  # a bug: never let network input crash the engine
+            self._drop("internal_error", "message from %s raised", peer, exc_info=True)
+
+    def make_responder(self):
+        """The serving fast path for this engine (a :class:`~.fastpath.Responder`, C or its
+        twin) with its sessions indexed, or None when the session layer is not a
+        :class:`SessionLayer` (a simulation's). The driver calls its ``serve_batch`` on its
+        sockets; one responder per engine (docs/engine.md, "The serving fast path")."""
+        if self._responder is not None:
+            raise ArgumentValueError("the engine has a responder already")
+        session = self._session
+        if not isinstance(session, SessionLayer):
+            return None
+        responder = Responder(self._id, self._admit, self._enter_table, self._table.closest,
+                              self._own_seq, self._serve_admitted, self._config.bucket_size,
+                              session.limits.session_lifetime_s, _REENTER_S)
+        session.attach_responder(responder)
+        self._responder = responder
+        return responder
 
     def handle_timer(self, now: float) -> None:
         """Apply request and lookup timeouts and run upkeep. Call at :meth:`next_deadline`."""
@@ -707,13 +744,20 @@ class DhtEngine:
 
     # --- receiving -----------------------------------------------------------------------------------
 
-    def _on_message(self, peer: Contact, data: bytes, now: float) -> None:
+    def _decoded(self, peer: Contact, data: bytes):
+        """The message in ``data`` (counted in ``messages_in``), or None (dropped, counted)."""
         try:
             message = decode_message(data)
         except DecodeError as exc:
             self._drop("undecodable", "message from %s: %s", peer, exc)
-            return
+            return None
         self._in[_NAMES[type(message)]] += 1
+        return message
+
+    def _on_message(self, peer: Contact, data: bytes, now: float) -> None:
+        message = self._decoded(peer, data)
+        if message is None:
+            return
         is_request = isinstance(message, _REQUEST_TYPES)
         if is_request and not self._admit(peer.address, now):
             self._drop("rate_limited", "request from %s", peer.address)
@@ -724,12 +768,19 @@ class DhtEngine:
         else:
             self._on_response(peer, message, now)  # enters the table only if it is accepted
 
+    def _serve_admitted(self, peer: Contact, data: bytes, now: float) -> None:
+        """A request the fast path admitted (and entered in the table) but leaves to the engine
+        to answer, e.g. when its answer spans several NODES messages."""
+        message = self._decoded(peer, data)
+        if message is not None:
+            self._serve(peer, message, now)
+
     def _admit(self, source: Address, now: float) -> bool:
         """Token buckets: the source IP's, then the global one (docs/engine.md, Serving)."""
         config = self._config
-        ip = source.ip
-        if ip.is_loopback:  # local processes (tests, demos, many nodes on one host): global bucket only
+        if source.is_loopback:  # local processes (tests, demos, many nodes on one host): global bucket only
             return self._global_bucket.take(config.rate_global_per_s, config.burst_global, now)
+        ip = source.ip
         buckets = self._ip_buckets
         bucket = buckets.get(ip)
         if bucket is None:

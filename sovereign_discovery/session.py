@@ -37,7 +37,6 @@ import hmac
 import logging
 import os
 import struct
-import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
@@ -47,6 +46,7 @@ import nacl.exceptions
 import nacl.public
 import nacl.signing
 
+from . import aead
 from .addresses import Address
 from .constants import (
     MAX_DATAGRAM_BYTES,
@@ -56,6 +56,7 @@ from .constants import (
     SIGNATURE_BYTES,
 )
 from .errors import ArgumentTypeError, ArgumentValueError
+from .fastpath import REPLAYED, Cipher, index_key
 from .identity import Identity, SignaturePurpose, verify_signature
 from .routing import Contact
 
@@ -76,58 +77,6 @@ __all__ = [
 ]
 
 _log = logging.getLogger(__name__)
-
-# --- AEAD (ChaCha20-Poly1305 IETF, RFC 8439) through libsodium -----------------------------------
-# PyNaCl's bindings format error strings on every call (~8 µs); the established-session path calls
-# libsodium through PyNaCl's cffi handle directly, with the public bindings as the fallback.
-try:
-    from nacl._sodium import ffi as _ffi, lib as _lib
-
-    _NULL = _ffi.NULL
-    _new_buffer = _ffi.new
-    _buffer = _ffi.buffer
-    _encrypt_c = _lib.crypto_aead_chacha20poly1305_ietf_encrypt
-    _decrypt_c = _lib.crypto_aead_chacha20poly1305_ietf_decrypt
-    if _lib.crypto_aead_chacha20poly1305_ietf_abytes() != 16:  # pragma: no cover
-        raise ImportError("unexpected tag size")
-
-    # One scratch buffer per thread (libsodium runs without the GIL): no allocation per packet.
-    _scratch = threading.local()
-
-    def _scratch_buffer():
-        buffer = getattr(_scratch, "buffer", None)
-        if buffer is None:
-            buffer = _scratch.buffer = _new_buffer("unsigned char[]", 2048)  # > any datagram
-        return buffer
-
-    def _aead_encrypt(message: bytes, aad: bytes, nonce: bytes, key: bytes) -> bytes:
-        out = _scratch_buffer()
-        size = len(message) + 16
-        if size > 2048:  # pragma: no cover - callers cap messages far below
-            out = _new_buffer("unsigned char[]", size)
-        _encrypt_c(out, _NULL, message, len(message), aad, len(aad), _NULL, nonce, key)
-        return _buffer(out, size)[:]
-
-    def _aead_decrypt(ciphertext: bytes, aad: bytes, nonce: bytes, key: bytes) -> bytes | None:
-        """The plaintext, or None when the tag does not verify."""
-        size = len(ciphertext) - 16
-        if size < 0:
-            return None
-        out = _scratch_buffer() if size <= 2048 else _new_buffer("unsigned char[]", size)
-        if _decrypt_c(out, _NULL, _NULL, ciphertext, len(ciphertext), aad, len(aad), nonce, key):
-            return None
-        return _buffer(out, size)[:]
-
-except ImportError:  # pragma: no cover - another PyNaCl layout
-
-    def _aead_encrypt(message: bytes, aad: bytes, nonce: bytes, key: bytes) -> bytes:
-        return nacl.bindings.crypto_aead_chacha20poly1305_ietf_encrypt(message, aad, nonce, key)
-
-    def _aead_decrypt(ciphertext: bytes, aad: bytes, nonce: bytes, key: bytes) -> bytes | None:
-        try:
-            return nacl.bindings.crypto_aead_chacha20poly1305_ietf_decrypt(ciphertext, aad, nonce, key)
-        except nacl.exceptions.CryptoError:
-            return None
 
 # --- format (docs/protocol.md, "Packets (session layer)") ----------------------------------------
 
@@ -308,42 +257,17 @@ def _handshake_signed(challenge_data: bytes, ephemeral: bytes, id_b: bytes) -> b
     return hashlib.sha256(challenge_data).digest() + ephemeral + id_b
 
 
-_REPLAYED = object()
-
-
-def _open(session: "_Session", datagram: bytes, nonce: bytes, counter: int) -> bytes | object | None:
-    """Decrypt a session MESSAGE: the plaintext, None if the tag does not verify, or _REPLAYED
-    for a counter seen before or older than the window. The window moves only after the tag
-    verified (docs/protocol.md)."""
-    behind = session.recv_max - counter
-    if behind >= 0 and (behind >= REPLAY_WINDOW or (session.recv_seen >> behind) & 1):
-        return _REPLAYED
-    message = _aead_decrypt(datagram[_MESSAGE_HEAD:], datagram[:_MESSAGE_HEAD], nonce, session.recv_key)
-    if message is None:
-        return None
-    if behind < 0:
-        session.recv_seen = ((session.recv_seen << -behind) | 1) & _WINDOW_MASK
-        session.recv_max = counter
-    else:
-        session.recv_seen |= 1 << behind
-    return message
-
-
 # --- state -------------------------------------------------------------------------------------
 
 
 class _Session:
-    __slots__ = ("peer", "send_key", "recv_key", "send_counter", "recv_max", "recv_seen",
-                 "created", "last_used", "touched", "last_message", "initiator", "confirmed",
-                 "alternate", "alternate_until")
+    __slots__ = ("peer", "cipher", "created", "last_used", "touched", "last_message", "initiator",
+                 "confirmed", "alternate", "alternate_until")
 
     def __init__(self, peer: Contact, send_key: bytes, recv_key: bytes, now: float) -> None:
         self.peer = peer
-        self.send_key = send_key
-        self.recv_key = recv_key
-        self.send_counter = 0  # the first packet uses 1
-        self.recv_max = 0  # the highest counter accepted
-        self.recv_seen = 1  # bit d: counter recv_max - d was accepted (counter 0 never is)
+        #: keys, send counter and replay window (shared with the fast path's responder)
+        self.cipher = Cipher(send_key, recv_key)
         self.created = now
         self.last_used = now
         self.touched = False  # used since it last came to the front of the LRU order (CLOCK)
@@ -353,6 +277,14 @@ class _Session:
         #: crossing handshakes: the peer's session we did not keep, still read until the time
         self.alternate: _Session | None = None
         self.alternate_until = 0.0
+
+    @property
+    def send_key(self) -> bytes:
+        return self.cipher.send_key
+
+    @property
+    def recv_key(self) -> bytes:
+        return self.cipher.recv_key
 
 
 class _Challenge:
@@ -426,6 +358,8 @@ class SessionLayer:
         self._pending: OrderedDict[tuple[bytes, Address], _Pending] = OrderedDict()  # oldest first
         self._pending_by_nonce: dict[bytes, tuple[bytes, Address]] = {}
         self._unvalidated: OrderedDict[Address, list[int]] = OrderedDict()  # [received, sent]
+        #: the serving fast path's responder (attach_responder), which holds an index of sessions
+        self._responder = None
         self._stats: dict[str, int] = dict.fromkeys(
             ("packets_in", "bytes_in", "packets_out", "bytes_out", "delivered", "handshakes_initiated",
              "handshakes_completed", "handshakes_crossed", "sessions_unconfirmed", "pending_dropped", "sessions_evicted", "challenges_evicted",
@@ -443,14 +377,29 @@ class SessionLayer:
 
     @property
     def stats(self) -> dict[str, int]:
-        """Counters (packets/bytes in and out, each drop reason, …) and current table sizes."""
+        """Counters (packets/bytes in and out, each drop reason, …) and current table sizes;
+        what the fast path's responder did in these sessions is included."""
         out = dict(self._stats)
+        if self._responder is not None:
+            fast = self._responder.counters()
+            for name in ("packets_in", "bytes_in", "delivered", "packets_out", "bytes_out"):
+                out[name] += fast[name]
         out["sessions"] = len(self._sessions)
         out["challenges"] = len(self._challenges)
         out["pending_peers"] = len(self._pending)
         out["pending_messages"] = sum(len(p.messages) for p in self._pending.values())
         out["unvalidated_addresses"] = len(self._unvalidated)
         return out
+
+    def attach_responder(self, responder) -> None:
+        """Index every established session in ``responder`` (a :class:`~.fastpath.Responder`)
+        from now on, so that it answers PING and FIND_NODE in them (docs/engine.md, "The serving
+        fast path"). Its counters are added to :attr:`stats`."""
+        if self._responder is not None:
+            raise ArgumentValueError("a responder is attached already")
+        self._responder = responder
+        for key, session in self._sessions.items():
+            self._index(key, session)
 
     def has_session(self, node_id: bytes, address: Address, now: float | None = None) -> bool:
         """Whether a session with ``node_id`` at ``address`` is established (and, given ``now``,
@@ -459,6 +408,17 @@ class SessionLayer:
         if session is None:
             return False
         return now is None or now - session.created < self._limits.session_lifetime_s
+
+    def session_cipher(self, node_id: bytes, address: Address, now: float):
+        """The :class:`~.fastpath.Cipher` of the established, confirmed session with ``node_id``
+        at ``address`` (None if there is none, or it is past its lifetime), for a caller that
+        seals and opens MESSAGE packets in bulk itself (``cipher.seal(own_id, message)``,
+        ``cipher.open(packet)``), as benchmark clients do. Packets it seals are exactly those
+        :meth:`send` would make; the session's last-used time and LRU place are not updated."""
+        session = self._sessions.get((bytes(node_id), address))
+        if session is None or not session.confirmed or now - session.created >= self._limits.session_lifetime_s:
+            return None
+        return session.cipher
 
     def send(self, peer: Contact, message: bytes, now: float) -> list[Outgoing]:
         """Encrypt ``message`` to ``peer``; returns the datagrams to send (possibly none, when the
@@ -469,7 +429,7 @@ class SessionLayer:
         key = (peer.node_id, peer.address)
         session = self._sessions.get(key)
         if session is not None:
-            if now - session.created < self._limits.session_lifetime_s and session.send_counter < _MAX_COUNTER:
+            if now - session.created < self._limits.session_lifetime_s and session.cipher.send_counter < _MAX_COUNTER:
                 session.last_used = now
                 session.touched = True
                 return [self._seal(session, message)]
@@ -572,16 +532,17 @@ class SessionLayer:
         elif datagram[4:8] != _COUNTER_PREFIX:  # a random nonce: a peer that lost its session
             reason = "decrypt_failed"
         else:
-            counter = _COUNTER_NONCE.unpack_from(datagram, 4)[0]
-            message = _open(session, datagram, nonce, counter)
+            # the window moves only after the tag verified (docs/protocol.md)
+            message = session.cipher.open(datagram)
             if type(message) is not bytes and session.alternate is not None:
                 if now < session.alternate_until:  # sealed under the crossing handshake's keys
-                    other = _open(session.alternate, datagram, nonce, counter)
+                    other = session.alternate.cipher.open(datagram)
                     if other is not None:
                         message = other
                 else:
                     session.alternate = None
-            if message is _REPLAYED:
+                    self._index(key, session)
+            if message is REPLAYED:
                 return self._drop("replayed", source)  # the address has a session: validated
             if message is None:
                 reason = "decrypt_failed"
@@ -591,6 +552,7 @@ class SessionLayer:
                 if not session.confirmed:
                     session.confirmed = True
                     self._unconfirmed.pop(key, None)
+                    self._index(key, session)
                 self._stats["delivered"] += 1
                 return Received((Delivered(session.peer, message),), ())
         # docs/protocol.md, handshake step 2: answer what we cannot decrypt with a challenge.
@@ -662,7 +624,7 @@ class SessionLayer:
             counter = _COUNTER_NONCE.unpack(nonce)[0]
             for node_id in self._session_ids_at.get(source, ()):
                 session = self._sessions[(node_id, source)]
-                if 0 <= session.send_counter - counter < _REHANDSHAKE_WINDOW and counter > 0:
+                if 0 <= session.cipher.send_counter - counter < _REHANDSHAKE_WINDOW and counter > 0:
                     self._remove_session((node_id, source))
                     return self._initiate(session.peer, datagram, [session.last_message], now)
         return self._drop("unsolicited_whoareyou", source)
@@ -687,7 +649,7 @@ class SessionLayer:
         nonce = self._random(12)
         header = _HEADER.pack(MAGIC, VERSION, KIND_HANDSHAKE, nonce, _AUTH_HANDSHAKE) + self._public_key + ephemeral + signature
         first = messages[0] if messages else b""
-        packet = header + _aead_encrypt(first, header, nonce, initiator_key)
+        packet = header + aead.encrypt(first, header, nonce, initiator_key)
         session = _Session(peer, initiator_key, recipient_key, now)
         session.initiator = True
         session.confirmed = False
@@ -725,7 +687,7 @@ class SessionLayer:
         if secret == bytes(32):
             return self._drop("bad_key", source)
         initiator_key, recipient_key = _session_keys(secret, challenge_data, src_id, self._id)
-        message = _aead_decrypt(datagram[_HANDSHAKE_HEAD:], datagram[:_HANDSHAKE_HEAD], nonce, initiator_key)
+        message = aead.decrypt(datagram[_HANDSHAKE_HEAD:], datagram[:_HANDSHAKE_HEAD], nonce, initiator_key)
         if message is None:
             return self._drop("decrypt_failed", source)
         session = _Session(Contact(public_key, source), recipient_key, initiator_key, now)
@@ -741,6 +703,7 @@ class SessionLayer:
             # messages already sealed under it.
             ours.alternate = session
             ours.alternate_until = now + self._limits.challenge_ttl_s
+            self._index(key, ours)  # out of the responder while it reads two sessions
             self._stats["handshakes_crossed"] += 1
             return Received(delivered, ())
         self._install(key, session)
@@ -755,10 +718,7 @@ class SessionLayer:
     # --- sending --------------------------------------------------------------------------------
 
     def _seal(self, session: _Session, message: bytes) -> Outgoing:
-        session.send_counter += 1
-        nonce = _COUNTER_NONCE.pack(session.send_counter)
-        header = _HEADER.pack(MAGIC, VERSION, KIND_MESSAGE, nonce, _AUTH_MESSAGE) + self._id
-        packet = header + _aead_encrypt(message, header, nonce, session.send_key)
+        packet = session.cipher.seal(self._id, message)
         session.last_message = message
         address = session.peer.address
         stats = self._stats
@@ -818,9 +778,31 @@ class SessionLayer:
         self._sessions[key] = session
         self._session_ids_at.setdefault(key[1], set()).add(key[0])
         self._unvalidated.pop(key[1], None)  # the address proved it receives
+        self._index(key, session)
+
+    def _index(self, key: tuple[bytes, Address], session: _Session) -> None:
+        """Keep the responder's index in step: it holds the sessions the peer has used (an
+        initiator's unconfirmed session may be one the peer never accepted) that read one set of
+        keys (not while a crossing handshake's alternate is read)."""
+        responder = self._responder
+        if responder is None:
+            return
+        fast_key = index_key(key[0], key[1])
+        if fast_key is None:
+            return
+        if session.confirmed and session.alternate is None:
+            peer = session.peer
+            responder.add(fast_key, session, session.cipher, peer, peer.address, peer.address.encode(),
+                          peer.address.to_tuple(), session.created)
+        else:
+            responder.remove(fast_key)
 
     def _remove_session(self, key: tuple[bytes, Address]) -> None:
         if self._sessions.pop(key, None) is not None:
+            if self._responder is not None:
+                fast_key = index_key(key[0], key[1])
+                if fast_key is not None:
+                    self._responder.remove(fast_key)
             ids = self._session_ids_at[key[1]]
             ids.discard(key[0])
             if not ids:
@@ -868,5 +850,3 @@ class SessionLayer:
         _log.debug("session layer: dropped a datagram from %s: %s", source, reason)
         return _NOTHING
 
-
-_WINDOW_MASK = (1 << REPLAY_WINDOW) - 1

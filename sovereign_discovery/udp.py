@@ -27,6 +27,7 @@ from collections.abc import Callable
 from .addresses import Address
 from .constants import MAX_DATAGRAM_BYTES
 from .errors import ArgumentTypeError, ArgumentValueError, ClosedError, EndpointError
+from .fastpath import MAX_BATCH
 
 __all__ = ["UdpEndpoint"]
 
@@ -57,6 +58,8 @@ class UdpEndpoint:
         #: Address -> (host, port): str() of an ipaddress costs microseconds too
         self._destinations: dict[Address, tuple] = {}
         self._logged: set[str] = set()
+        #: the serving fast path (use_responder): responder, on_message, clock, on_batch_done
+        self._fast: tuple | None = None
         self.stats: dict[str, int] = dict.fromkeys(
             ("datagrams_in", "bytes_in", "datagrams_out", "bytes_out", "dropped_oversize",
              "dropped_bad_source", "dropped_send_queue_full", "receive_errors", "send_errors",
@@ -157,10 +160,26 @@ class UdpEndpoint:
 
     # --- receiving ------------------------------------------------------------------------------
 
+    def use_responder(self, responder, on_datagram: DatagramHandler,
+                      on_message: Callable[[object, bytes], None], clock: Callable[[], float],
+                      on_batch_done: Callable[[], None]) -> None:
+        """Read through the serving fast path (docs/engine.md): each readiness event reads one
+        batch with ``responder.serve_batch``, which answers what it can; the datagrams it leaves
+        go to ``on_datagram(data, source)``, the messages it decrypted and left to the engine to
+        ``on_message(peer, message)``, in arrival order, and ``on_batch_done()`` runs once after
+        the batch (the driver sends what the engine queued then)."""
+        if not all(callable(f) for f in (on_datagram, on_message, clock, on_batch_done)):
+            raise ArgumentTypeError("on_datagram, on_message, clock and on_batch_done must be callable")
+        if self._max_bytes > MAX_DATAGRAM_BYTES:
+            raise ArgumentValueError(f"the fast path reads datagrams of at most {MAX_DATAGRAM_BYTES} bytes")
+        self._fast = (responder, on_datagram, on_message, clock, on_batch_done)
+
     def _read_ready(self) -> None:
         sock, handler, limit = self._sock, self._handler, self._max_bytes
-        sources = self._sources
         if sock is None or handler is None:
+            return
+        if self._fast is not None:
+            self._read_batch(sock)
             return
         for _ in range(self._max_batch):
             try:
@@ -173,25 +192,61 @@ class UdpEndpoint:
             if len(data) > limit:
                 self._count("dropped_oversize", f"dropped a datagram over {limit} bytes from {source}")
                 continue
-            address = sources.get(source)
-            if address is None:
-                try:
-                    address = Address(source[0], source[1])
-                except (ArgumentValueError, ArgumentTypeError):
-                    self._count("dropped_bad_source", f"dropped a datagram from unusable source {source}")
-                    continue
-                if len(sources) >= _MAX_SOURCES:  # bounded: a flood of sources costs misses only
-                    sources.clear()
-                sources[source] = address
             self.stats["datagrams_in"] += 1
             self.stats["bytes_in"] += len(data)
-            try:
-                handler(data, address)
-            except Exception:  # the engine never raises on input; if it does, keep serving others
-                self.stats["handler_errors"] += 1
-                _log.exception("datagram handler raised; datagram from %s dropped", address)
+            self._handle(handler, data, source)
             if self._sock is None:  # the handler closed us
                 return
+
+    def _read_batch(self, sock: socket.socket) -> None:
+        responder, handler, on_message, clock, on_batch_done = self._fast
+        items, unsent, counts = responder.serve_batch(
+            sock, clock(), min(self._max_batch, MAX_BATCH), self._max_bytes, not self._queue)
+        datagrams_in, bytes_in, oversize, receive_errors, datagrams_out, bytes_out, send_errors = counts
+        stats = self.stats
+        stats["datagrams_in"] += datagrams_in
+        stats["bytes_in"] += bytes_in
+        stats["datagrams_out"] += datagrams_out
+        stats["bytes_out"] += bytes_out
+        for key, count, message in (
+                ("dropped_oversize", oversize, f"dropped a datagram over {self._max_bytes} bytes"),
+                ("receive_errors", receive_errors, "receive error"),
+                ("send_errors", send_errors, "a send was refused")):
+            if count:
+                stats[key] += count - 1
+                self._count(key, message)
+        for destination, data in unsent:  # the socket would block: after what already waits
+            self._enqueue(destination, data)
+        for kind, first, second in items:
+            if kind == 0:  # a datagram the fast path left untouched
+                self._handle(handler, first, second)
+            else:  # a message it decrypted: (peer, message)
+                try:
+                    on_message(first, second)
+                except Exception:
+                    stats["handler_errors"] += 1
+                    _log.exception("message handler raised; message from %s dropped", first)
+            if self._sock is None:  # the handler closed us
+                return
+        on_batch_done()
+
+    def _handle(self, handler: DatagramHandler, data: bytes, source: tuple) -> None:
+        sources = self._sources
+        address = sources.get(source)
+        if address is None:
+            try:
+                address = Address(source[0], source[1])
+            except (ArgumentValueError, ArgumentTypeError):
+                self._count("dropped_bad_source", f"dropped a datagram from unusable source {source}")
+                return
+            if len(sources) >= _MAX_SOURCES:  # bounded: a flood of sources costs misses only
+                sources.clear()
+            sources[source] = address
+        try:
+            handler(data, address)
+        except Exception:  # the engine never raises on input; if it does, keep serving others
+            self.stats["handler_errors"] += 1
+            _log.exception("datagram handler raised; datagram from %s dropped", address)
 
     # --- sending --------------------------------------------------------------------------------
 
