@@ -367,7 +367,13 @@ typedef struct {
     int bucket_size;
     double lifetime, reenter_s;
     unsigned long long counters[C_COUNT];
-    /* batch buffers (one responder per socket, used under the GIL) */
+} Responder;
+
+/* The buffers of one batch (~170 KB). Every responder of the process uses the one shared set (they
+ * all run under the GIL and a batch never waits), so that a process hosting thousands of nodes
+ * does not pay for them per node; a batch started while it is in use (a hook reaching another
+ * responder) gets its own for the call. */
+typedef struct {
     unsigned char in[MAX_BATCH][MAX_PACKET + 1];
     struct sockaddr_storage from[MAX_BATCH];
     struct iovec in_iov[MAX_BATCH];
@@ -379,7 +385,43 @@ typedef struct {
     socklen_t out_tolen[MAX_BATCH];
     struct iovec out_iov[MAX_BATCH];
     struct mmsghdr out_msgs[MAX_BATCH];
-} Responder;
+} Batch;
+
+static Batch *shared_batch = NULL;
+static int shared_batch_busy = 0;
+
+static Batch *
+acquire_batch(void)
+{
+    Batch *b;
+    if (!shared_batch_busy && shared_batch != NULL)
+        b = shared_batch;
+    else {
+        b = PyMem_Malloc(sizeof(Batch));
+        if (b == NULL) {
+            PyErr_NoMemory();
+            return NULL;
+        }
+        if (!shared_batch_busy && shared_batch == NULL)
+            shared_batch = b;
+    }
+    if (b == shared_batch)
+        shared_batch_busy = 1;
+    for (int i = 0; i < MAX_BATCH; i++) {
+        b->in_iov[i].iov_base = b->in[i];
+        b->out_iov[i].iov_base = b->out[i];
+    }
+    return b;
+}
+
+static void
+release_batch(Batch *b)
+{
+    if (b == shared_batch)
+        shared_batch_busy = 0;
+    else
+        PyMem_Free(b);
+}
 
 static int
 Responder_init(Responder *self, PyObject *args, PyObject *kwds)
@@ -423,11 +465,6 @@ Responder_init(Responder *self, PyObject *args, PyObject *kwds)
     self->lifetime = lifetime;
     self->reenter_s = reenter;
     memset(self->counters, 0, sizeof self->counters);
-    for (int i = 0; i < MAX_BATCH; i++) {
-        self->in_iov[i].iov_base = self->in[i];
-        self->in_iov[i].iov_len = MAX_PACKET + 1;
-        self->out_iov[i].iov_base = self->out[i];
-    }
     return 0;
 }
 
@@ -677,12 +714,12 @@ build_answer(Responder *self, Entry *entry, const unsigned char *plain, unsigned
 /* Try to answer datagram i in C. 1: answered (or queued for the engine as a decrypted message,
  * appended to items); 0: hand the datagram back untouched; -1: a Python error (out of memory). */
 static int
-serve_one(Responder *self, int i, size_t len, double now, PyObject *items, int *nout)
+serve_one(Responder *self, Batch *b, int i, size_t len, double now, PyObject *items, int *nout)
 {
-    const unsigned char *d = self->in[i];
+    const unsigned char *d = b->in[i];
     if (!is_counter_message(d, len))
         return 0;
-    PyObject *key = index_key(d + 18, &self->from[i]);
+    PyObject *key = index_key(d + 18, &b->from[i]);
     if (key == NULL)
         return PyErr_Occurred() ? -1 : 0;
     Entry *entry = (Entry *)PyDict_GetItemWithError(self->index, key);
@@ -762,14 +799,14 @@ serve_one(Responder *self, int i, size_t len, double now, PyObject *items, int *
     }
     Py_DECREF(last);
     int o = (*nout)++;
-    self->out_len[o] = seal_into(entry->cipher, self->own_id, reply, rlen, self->out[o]);
-    self->out_entry[o] = (Entry *)Py_NewRef(entry);
-    self->out_to[o] = self->from[i];
-    self->out_tolen[o] = self->in_msgs[i].msg_hdr.msg_namelen;
+    b->out_len[o] = seal_into(entry->cipher, self->own_id, reply, rlen, b->out[o]);
+    b->out_entry[o] = (Entry *)Py_NewRef(entry);
+    b->out_to[o] = b->from[i];
+    b->out_tolen[o] = b->in_msgs[i].msg_hdr.msg_namelen;
     c[ping ? C_PING_IN : C_FIND_NODE_IN]++;
     c[ping ? C_PONG_OUT : C_NODES_OUT]++;
     c[C_PACKETS_OUT]++;
-    c[C_BYTES_OUT] += self->out_len[o];
+    c[C_BYTES_OUT] += b->out_len[o];
 done:
     Py_XDECREF(when);
     Py_DECREF(entry);
@@ -794,19 +831,24 @@ Responder_serve_batch(Responder *self, PyObject *args)
     int fd = PyObject_AsFileDescriptor(sock);
     if (fd < 0)
         return NULL;
+    Batch *b = acquire_batch();
+    if (b == NULL)
+        return NULL;
+    PyObject *items = NULL, *unsent = NULL, *result = NULL;
+    int nout = 0;
     unsigned long long datagrams_in = 0, bytes_in = 0, oversize = 0, receive_errors = 0;
     unsigned long long datagrams_out = 0, bytes_out = 0, send_errors = 0;
     for (int i = 0; i < max_batch; i++) {
-        memset(&self->in_msgs[i].msg_hdr, 0, sizeof(struct msghdr));
-        self->in_msgs[i].msg_hdr.msg_name = &self->from[i];
-        self->in_msgs[i].msg_hdr.msg_namelen = sizeof(struct sockaddr_storage);
-        self->in_msgs[i].msg_hdr.msg_iov = &self->in_iov[i];
-        self->in_msgs[i].msg_hdr.msg_iovlen = 1;
-        self->in_iov[i].iov_len = (size_t)max_bytes + 1;
+        memset(&b->in_msgs[i].msg_hdr, 0, sizeof(struct msghdr));
+        b->in_msgs[i].msg_hdr.msg_name = &b->from[i];
+        b->in_msgs[i].msg_hdr.msg_namelen = sizeof(struct sockaddr_storage);
+        b->in_msgs[i].msg_hdr.msg_iov = &b->in_iov[i];
+        b->in_msgs[i].msg_hdr.msg_iovlen = 1;
+        b->in_iov[i].iov_len = (size_t)max_bytes + 1;
     }
     int received = -1;
     for (int attempt = 0; attempt < max_batch && received < 0; attempt++) {
-        received = recvmmsg(fd, self->in_msgs, (unsigned)max_batch, MSG_DONTWAIT, NULL);
+        received = recvmmsg(fd, b->in_msgs, (unsigned)max_batch, MSG_DONTWAIT, NULL);
         if (received < 0) {
             if (errno == EAGAIN || errno == EWOULDBLOCK)
                 received = 0;
@@ -816,44 +858,44 @@ Responder_serve_batch(Responder *self, PyObject *args)
     }
     if (received < 0)
         received = 0;
-    PyObject *items = PyList_New(0), *unsent = PyList_New(0);
+    items = PyList_New(0);
+    unsent = PyList_New(0);
     if (items == NULL || unsent == NULL)
-        goto error;
-    int nout = 0;
+        goto done;
     for (int i = 0; i < received; i++) {
-        size_t len = self->in_msgs[i].msg_len;
-        if (len > (size_t)max_bytes || (self->in_msgs[i].msg_hdr.msg_flags & MSG_TRUNC)) {
+        size_t len = b->in_msgs[i].msg_len;
+        if (len > (size_t)max_bytes || (b->in_msgs[i].msg_hdr.msg_flags & MSG_TRUNC)) {
             oversize++;
             continue;
         }
         datagrams_in++;
         bytes_in += len;
-        int r = serve_one(self, i, len, now, items, &nout);
+        int r = serve_one(self, b, i, len, now, items, &nout);
         if (r < 0)
-            goto error;
+            goto done;
         if (r == 0 &&
             append_item(items, 0,
-                        PyBytes_FromStringAndSize((const char *)self->in[i], (Py_ssize_t)len),
-                        source_tuple(&self->from[i], self->in_msgs[i].msg_hdr.msg_namelen)) < 0)
-            goto error;
+                        PyBytes_FromStringAndSize((const char *)b->in[i], (Py_ssize_t)len),
+                        source_tuple(&b->from[i], b->in_msgs[i].msg_hdr.msg_namelen)) < 0)
+            goto done;
     }
     /* the answers go back to the source each request came from */
     int sent = 0;
     for (int o = 0; send_now && o < nout; o++) {
-        struct msghdr *h = &self->out_msgs[o].msg_hdr;
+        struct msghdr *h = &b->out_msgs[o].msg_hdr;
         memset(h, 0, sizeof *h);
-        h->msg_name = &self->out_to[o];
-        h->msg_namelen = self->out_tolen[o];
-        self->out_iov[o].iov_len = self->out_len[o];
-        h->msg_iov = &self->out_iov[o];
+        h->msg_name = &b->out_to[o];
+        h->msg_namelen = b->out_tolen[o];
+        b->out_iov[o].iov_len = b->out_len[o];
+        h->msg_iov = &b->out_iov[o];
         h->msg_iovlen = 1;
     }
     for (int retries = 0; send_now && sent < nout && retries < MAX_SEND_RETRIES;) {
-        int r = sendmmsg(fd, self->out_msgs + sent, (unsigned)(nout - sent), MSG_DONTWAIT);
+        int r = sendmmsg(fd, b->out_msgs + sent, (unsigned)(nout - sent), MSG_DONTWAIT);
         if (r > 0) {
             for (int o = sent; o < sent + r; o++) {
                 datagrams_out++;
-                bytes_out += self->out_len[o];
+                bytes_out += b->out_len[o];
             }
             sent += r;
         }
@@ -869,25 +911,23 @@ Responder_serve_batch(Responder *self, PyObject *args)
     }
     for (int o = sent; o < nout; o++) {
         PyObject *item = Py_BuildValue(
-            "(Oy#)", self->out_entry[o]->destination, (const char *)self->out[o],
-            (Py_ssize_t)self->out_len[o]);
+            "(Oy#)", b->out_entry[o]->destination, (const char *)b->out[o],
+            (Py_ssize_t)b->out_len[o]);
         if (item == NULL || PyList_Append(unsent, item) < 0) {
             Py_XDECREF(item);
-            goto error_out;
+            goto done;
         }
         Py_DECREF(item);
     }
+    result = Py_BuildValue("(OO(KKKKKKK))", items, unsent, datagrams_in, bytes_in, oversize,
+                           receive_errors, datagrams_out, bytes_out, send_errors);
+done:
     for (int o = 0; o < nout; o++)
-        Py_DECREF(self->out_entry[o]);
-    return Py_BuildValue("(NN(KKKKKKK))", items, unsent, datagrams_in, bytes_in, oversize,
-                         receive_errors, datagrams_out, bytes_out, send_errors);
-error_out:
-    for (int o = 0; o < nout; o++)
-        Py_DECREF(self->out_entry[o]);
-error:
+        Py_DECREF(b->out_entry[o]);
+    release_batch(b);
     Py_XDECREF(items);
     Py_XDECREF(unsent);
-    return NULL;
+    return result;
 }
 
 static PyMethodDef Responder_methods[] = {

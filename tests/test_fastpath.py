@@ -556,3 +556,29 @@ def test_other_requests_in_an_indexed_session_reach_the_engine():
                 client.sock.close()
 
     run_bounded(main(), 10)
+
+
+def test_a_batch_served_from_inside_another_batch_gets_its_own_buffers(fp):
+    """Responders share one set of batch buffers; a hook that reaches another responder (no engine
+    does, but nothing forbids it) must not overwrite the batch in progress."""
+    inner = Rig(fp, Hooks(_contacts(2)))
+    outer_hooks = Hooks(_contacts(3))
+    served_inside = []
+
+    def enter_table(peer, now):
+        served_inside.append(inner.serve(now=now))
+
+    outer_hooks.enter_table = enter_table
+    outer = Rig(fp, outer_hooks)
+    try:
+        inner.send(inner.request(encode_message(Ping(b"I" * 8, 0))))
+        outer.send(outer.request(encode_message(FindNode(b"O" * 8, bytes(20)))),
+                   outer.request(encode_message(Ping(b"Q" * 8, 0))))
+        items, _, counts = outer.serve(expect=2)
+        assert items == [] and counts[4] == 2 and len(served_inside) == 1
+        assert [decode_message(outer.client_cipher.open(a)).request_id for a in outer.answers()] == \
+            [b"O" * 8, b"Q" * 8]
+        assert decode_message(inner.client_cipher.open(inner.answers()[0])).request_id == b"I" * 8
+    finally:
+        inner.close()
+        outer.close()
