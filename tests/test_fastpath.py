@@ -32,7 +32,7 @@ from sovereign_discovery.wire import (
     encode_message,
 )
 
-from .helpers import run_bounded
+from .helpers import has_ipv6_loopback, run_bounded
 
 OWN_ID = bytes(range(20))
 PEER_ID = bytes(range(100, 120))
@@ -139,9 +139,9 @@ def test_c_and_python_ciphers_seal_the_same_bytes():
 # --- Responder on real sockets ------------------------------------------------------------------
 
 
-def _socket() -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
+def _socket(version: int = 4) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if version == 6 else socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("::1" if version == 6 else "127.0.0.1", 0))
     sock.setblocking(False)
     return sock
 
@@ -411,7 +411,7 @@ class Client:
         self.identity = Identity.generate() if seed is None else Identity.from_seed(seed)
         self.layer = SessionLayer(self.identity)
         self.server = node.contact
-        self.sock = _socket()
+        self.sock = _socket(6 if self.server.address.version == 6 else 4)
         self.sock.connect(self.server.address.to_tuple())
         self.sent: list[bytes] = []
 
@@ -582,3 +582,22 @@ def test_a_batch_served_from_inside_another_batch_gets_its_own_buffers(fp):
     finally:
         inner.close()
         outer.close()
+
+
+@pytest.mark.skipif(not has_ipv6_loopback(), reason="::1 cannot be bound here (no IPv6 loopback)")
+def test_a_node_on_ipv6_answers_through_its_fast_path():
+    async def main() -> None:
+        async with DhtNode(Identity.generate(), host="::1") as node:
+            client = Client(node)
+            try:
+                assert await client.exchange(Ping(b"A" * 8, 0), expect=Pong) is not None
+                pong = await client.exchange(Ping(b"B" * 8, 0), expect=Pong)
+                nodes = await client.exchange(FindNode(b"C" * 8, bytes(20)), expect=Nodes)
+                assert pong.observed == Address(*client.sock.getsockname()[:2])
+                assert [c.node_id for c in nodes.contacts] == [client.identity.node_id]
+                fast = node.stats()["fast_path"]
+                assert fast["ping_in"] == 1 and fast["find_node_in"] == 1
+            finally:
+                client.sock.close()
+
+    run_bounded(main(), 10)
