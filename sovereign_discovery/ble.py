@@ -10,10 +10,12 @@ What it does:
   every token window.
 - **Scans** for the same UUID. A sighting is **resolved** without a radio connection when the peer
   table already holds a record whose key matches the advertised hash (or this window's token) and
-  whose seq matches the hint; otherwise, if the advertiser offers GATT, the layer connects and
-  reads the record (nearest device first, by RSSI; rate-limited; bounded in size and time), checks
-  its signature, expiry and bounds (``PeerRecord.decode``) and that its key matches the
-  advertisement.
+  whose seq matches the hint; else through :meth:`~sovereign_discovery.layers.LayerContext.
+  resolve_peer` (records other local layers verified, then the DHT: rate-limited, each bounded
+  in time); otherwise, if the advertiser offers GATT, the layer connects and reads the record
+  (nearest device first, by RSSI; rate-limited; bounded in size and time), checks its signature,
+  expiry and bounds (``PeerRecord.decode``). Whatever the source, the record must match the
+  advertised hash or token.
 - **Reports** verified peers with ``peer_seen(record, rssi=...)``: a record with IP addresses is
   PINGed by the coordinator first (``check_reachable=True``); a BLE-only record is reported as is.
 - **Loses** a peer none of whose devices was seen for ``lost_after_s`` (3 × ``scan_interval_s``
@@ -90,6 +92,42 @@ INDEX_EVERY_S = 1.0
 BACKEND_TIMEOUT_S = 10.0
 #: RSSI values outside this range are treated as unknown (a malformed report).
 _RSSI_RANGE = range(-127, 21)
+#: Resolutions through the context (other layers' records, the DHT) in flight at once; a device
+#: beyond it goes straight to GATT (``resolve_busy``).
+MAX_RESOLVES_IN_FLIGHT = 2
+#: Each resolution through the context may take this long; then it falls through to GATT.
+DEFAULT_RESOLVE_TIMEOUT_S = 5.0
+#: Resolutions that may ask the DHT over the network: a token bucket of this many, refilled at
+#: this rate; without a token the context answers from memory only (``resolve_local_only``).
+DEFAULT_LOOKUP_BURST = 4
+DEFAULT_LOOKUPS_PER_S = 0.2
+#: An advertised (peer ID, seq hint) resolved through the context is not asked again before
+#: this (a new seq hint may be); at most ``MAX_RESOLVES_REMEMBERED`` are remembered.
+RERESOLVE_AFTER_S = 60.0
+MAX_RESOLVES_REMEMBERED = 1024
+#: Where a resolved record may come from (stats keys ``resolved_from_<source>``).
+_RESOLVE_SOURCES = ("table", "mdns", "dht")
+
+
+class _TokenBucket:
+    """``burst`` tokens, refilled at ``rate`` per second (monotonic time)."""
+
+    __slots__ = ("burst", "rate", "tokens", "at")
+
+    def __init__(self, burst: int, rate: float) -> None:
+        self.burst, self.rate = float(burst), float(rate)
+        self.tokens = self.burst
+        self.at = time.monotonic()
+
+    def take(self) -> float:
+        """0 if a token was taken now, else the seconds until one is there (none taken)."""
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return 0.0
+        return (1.0 - self.tokens) / self.rate
 
 
 class _Device:
@@ -123,16 +161,20 @@ class BleLayer:
                  lost_after_s: float | None = None, gatt_timeout_s: float = DEFAULT_GATT_TIMEOUT_S,
                  max_tracked_devices: int = DEFAULT_MAX_TRACKED_DEVICES,
                  fetches_per_s: float = DEFAULT_FETCHES_PER_S, fetch_burst: int = DEFAULT_FETCH_BURST,
+                 resolve_timeout_s: float = DEFAULT_RESOLVE_TIMEOUT_S,
+                 lookups_per_s: float = DEFAULT_LOOKUPS_PER_S, lookup_burst: int = DEFAULT_LOOKUP_BURST,
                  wall_clock: Callable[[], float] = time.time) -> None:
         config = LocalConfig() if config is None else config
         if not isinstance(config, LocalConfig):
             raise ArgumentTypeError(f"config must be a LocalConfig, not {type(config).__name__}")
         lost_after_s = 3 * config.scan_interval_s if lost_after_s is None else lost_after_s
         for name, value in (("lost_after_s", lost_after_s), ("gatt_timeout_s", gatt_timeout_s),
-                            ("fetches_per_s", fetches_per_s)):
+                            ("fetches_per_s", fetches_per_s), ("resolve_timeout_s", resolve_timeout_s),
+                            ("lookups_per_s", lookups_per_s)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ArgumentValueError(f"{name} must be a positive number, not {value!r}")
-        for name, value in (("max_tracked_devices", max_tracked_devices), ("fetch_burst", fetch_burst)):
+        for name, value in (("max_tracked_devices", max_tracked_devices), ("fetch_burst", fetch_burst),
+                            ("lookup_burst", lookup_burst)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ArgumentValueError(f"{name} must be a positive int, not {value!r}")
         self.config = config
@@ -140,8 +182,6 @@ class BleLayer:
         self._lost_after_s = float(lost_after_s)
         self._gatt_timeout_s = float(gatt_timeout_s)
         self._max_devices = max_tracked_devices
-        self._fetch_rate = float(fetches_per_s)
-        self._fetch_burst = fetch_burst
         self._wall = wall_clock
         self._context: LayerContext | None = None
         self._probe: ProbeResult | None = None
@@ -157,8 +197,11 @@ class BleLayer:
         self._peer_devices: dict[bytes, set[str]] = {}  # reported node ID -> its addresses
         self._pending: set[str] = set()  # addresses waiting for a GATT read
         self._fetch_wakeup = asyncio.Event()
-        self._tokens = float(fetch_burst)
-        self._tokens_at = time.monotonic()
+        self._fetch_bucket = _TokenBucket(fetch_burst, fetches_per_s)
+        self._resolve_timeout_s = float(resolve_timeout_s)
+        self._lookup_bucket = _TokenBucket(lookup_burst, lookups_per_s)
+        self._resolving: dict[str, asyncio.Task] = {}  # address -> its resolution through the context
+        self._resolved_at: OrderedDict[tuple[bytes, int], float] = OrderedDict()  # (peer ID, seq hint)
         self._index: dict[bytes, PeerInfo] = {}
         self._index_at = float("-inf")
         self._index_window: int | None = None
@@ -217,10 +260,11 @@ class BleLayer:
         if self._state == "closed":
             return
         self._state = "closed"
-        tasks = list(self._tasks)
+        tasks = [*self._tasks, *self._resolving.values()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        self._resolving.clear()
         await self._stop_backends()
         self._devices.clear()
         self._pending.clear()
@@ -252,6 +296,7 @@ class BleLayer:
             "tracked_devices": len(self._devices),
             "peers_seen": len(self._peer_devices),
             "pending_fetches": len(self._pending),
+            "resolving": len(self._resolving),
             **dict(sorted(self._count.items())),
             "dropped": dict(sorted(self._dropped.items())),
         }
@@ -390,9 +435,9 @@ class BleLayer:
             self._detach(device.address, bytes(record.node_id))
 
     def _make_room(self) -> bool:
-        """Evict the least recently seen device that is neither resolved nor being read."""
+        """Evict the least recently seen device that is neither resolved nor being resolved or read."""
         for address, device in self._devices.items():
-            if device.record is None and address not in self._pending:
+            if device.record is None and address not in self._pending and address not in self._resolving:
                 del self._devices[address]
                 self._count["devices_evicted"] += 1
                 return True
@@ -404,21 +449,118 @@ class BleLayer:
 
     def _resolve(self, device: _Device, now: float) -> None:
         """Use the record held for ``device`` if its seq matches the hint; else a newer one from
-        the peer table; else queue a GATT read (reporting the older record meanwhile)."""
+        the peer table; else, for a peer nothing here knows, ask the context (other layers'
+        records, the DHT); else queue a GATT read (reporting an older record meanwhile: a stale
+        one is read over GATT, the peer itself has the newest)."""
         payload, record = device.payload, device.record
         if record is None or not self._fresh(payload, record):
             known = self._from_table(payload)
             if known is not None and (record is None or known.seq > record.seq):
                 device.record = record = known
                 self._count["resolved_from_table"] += 1
-            if record is None or not self._fresh(payload, record):
-                if payload.gatt:
-                    self._queue_fetch(device, now)
-                elif record is None and not device.unresolvable_counted:
-                    device.unresolvable_counted = True
-                    self._drop("unresolvable", f"{device.address} offers no GATT record and is unknown")
+            if record is None and self._state == "running" and self._resolve_elsewhere(device, now):
+                return  # the resolution reports, or reads over GATT, itself
+            if (record is None or not self._fresh(payload, record)) and self._state == "running":
+                self._fall_through(device, now)
         if record is not None:
             self._report(device, now)
+
+    def _fall_through(self, device: _Device, now: float) -> None:
+        """Nothing else resolved ``device``: read it over GATT if it offers that."""
+        if device.payload.gatt:
+            self._queue_fetch(device, now)
+        elif device.record is None and not device.unresolvable_counted:
+            device.unresolvable_counted = True
+            self._drop("unresolvable", f"{device.address} offers no GATT record and is unknown")
+
+    def _resolve_elsewhere(self, device: _Device, now: float) -> bool:
+        """Start resolving ``device`` through ``LayerContext.resolve_peer``; True if a resolution
+        runs for it now (it falls through to GATT itself if it fails). Not again for the same
+        (peer ID, seq hint) within RERESOLVE_AFTER_S; at most MAX_RESOLVES_IN_FLIGHT at once;
+        the network (the DHT) only with a token of the lookup bucket."""
+        address, payload = device.address, device.payload
+        if address in self._resolving:
+            return True
+        key = (payload.peer_id, payload.seq_hint)
+        tried = self._resolved_at.get(key)
+        if tried is not None and now - tried < RERESOLVE_AFTER_S:
+            return False
+        if len(self._resolving) >= MAX_RESOLVES_IN_FLIGHT:
+            self._count["resolve_busy"] += 1
+            return False
+        self._resolved_at[key] = now
+        self._resolved_at.move_to_end(key)
+        while len(self._resolved_at) > MAX_RESOLVES_REMEMBERED:
+            self._resolved_at.popitem(last=False)
+        lookup = self._lookup_bucket.take() == 0.0
+        if not lookup:
+            self._count["resolve_local_only"] += 1
+        task = asyncio.create_task(self._resolve_through_context(device, payload, lookup),
+                                   name=f"ble resolve {address}")
+        self._resolving[address] = task
+        task.add_done_callback(lambda t, a=address: self._resolution_done(a, t))
+        return True
+
+    def _resolution_done(self, address: str, task: asyncio.Task) -> None:
+        if self._resolving.get(address) is task:
+            del self._resolving[address]
+        if not task.cancelled() and task.exception() is not None:
+            self._count["internal_errors"] += 1
+            _log.error("BLE resolution of %s failed", address, exc_info=task.exception())
+
+    async def _resolve_through_context(self, device: _Device, payload: BlePayload, lookup: bool) -> None:
+        """Ask the context for the record ``payload`` names; check it like a GATT answer (a
+        record object, unexpired, of the advertised key); then report it, and read over GATT
+        if it is still unknown or stale."""
+        windows = self._windows()
+        key_matches = (lambda public_key: payload.matches(public_key, windows) is not None) \
+            if payload.rotating else None  # a token names a key only the node may already know
+        record = None
+        try:
+            found = await asyncio.wait_for(
+                self._context.resolve_peer(payload.peer_id, key_matches=key_matches, lookup=lookup,
+                                           deadline_s=self._resolve_timeout_s),
+                self._resolve_timeout_s + 1.0)
+        except (asyncio.TimeoutError, TimeoutError):
+            self._count["resolve_timeout"] += 1
+        except Exception as exc:  # a context's bug must not cost the sighting
+            self._count["resolve_failed"] += 1
+            _log.debug("BLE: resolving %s through the node failed: %s: %s", device.address,
+                       type(exc).__name__, exc)
+        else:
+            record = self._check_resolved(found, payload)
+        if self._state != "running" or self._devices.get(device.address) is not device \
+                or device.payload.peer_id != payload.peer_id:
+            return  # gone, or it advertises something else now; the next sighting resolves that
+        held = device.record
+        if record is not None and (held is None or held.public_key != record.public_key
+                                   or record.supersedes(held)):
+            if held is not None and held.public_key != record.public_key:
+                self._forget_record(device)
+            device.record = record
+            device.reported_at = float("-inf")
+        now = time.monotonic()
+        if device.record is None or not self._fresh(device.payload, device.record):
+            self._fall_through(device, now)
+        self._report(device, now)
+
+    def _check_resolved(self, found: object, payload: BlePayload) -> PeerRecord | None:
+        """The record of a resolution if it is one for ``payload``; counted by outcome."""
+        if found is None:
+            self._count["resolve_not_found"] += 1
+            return None
+        record, source = getattr(found, "record", None), getattr(found, "source", None)
+        if not isinstance(record, PeerRecord):
+            self._count["resolve_failed"] += 1
+            return None
+        if record.is_expired(self._wall()):
+            self._drop("record_expired", "from the node's resolution")
+            return None
+        if payload.matches(record.public_key, self._windows()) is None:
+            self._drop("id_mismatch", "the node resolved a record of another key")
+            return None
+        self._count[f"resolved_from_{source if source in _RESOLVE_SOURCES else 'other'}"] += 1
+        return record
 
     def _from_table(self, payload: BlePayload) -> PeerRecord | None:
         """A known, unexpired, verified record whose key ``payload`` names."""
@@ -483,16 +625,6 @@ class BleLayer:
         self._pending.add(device.address)
         self._fetch_wakeup.set()
 
-    def _take_token(self) -> float:
-        """0 if a GATT read may start now (and take the token), else the seconds to wait."""
-        now = time.monotonic()
-        self._tokens = min(float(self._fetch_burst), self._tokens + (now - self._tokens_at) * self._fetch_rate)
-        self._tokens_at = now
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
-            return 0.0
-        return (1.0 - self._tokens) / self._fetch_rate
-
     async def _fetch_loop(self) -> None:
         """One GATT read at a time, nearest (strongest RSSI) device first, rate-limited."""
         while self._state == "running":
@@ -500,7 +632,7 @@ class BleLayer:
                 self._fetch_wakeup.clear()
                 await self._fetch_wakeup.wait()
                 continue
-            wait = self._take_token()
+            wait = self._fetch_bucket.take()
             if wait > 0:
                 self._count["fetches_delayed"] += 1
                 await asyncio.sleep(wait)

@@ -150,8 +150,11 @@ class BluezooLab:
             time.sleep(0.02)
         raise TimeoutError(f"timed out after {self.timeout_s} s waiting for {what}: {self.log_text()}")
 
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
+    def log_text(self, tail: int | None = 2000) -> str:
+        """BlueZoo's log: its last ``tail`` characters (for error messages), or all of it (None:
+        to assert that something never happened)."""
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return text[-tail:] if tail is not None else text
 
     def stop(self) -> None:
         """Stop every process by its PID (BlueZoo first), reap them, remove the directory."""
