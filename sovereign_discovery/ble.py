@@ -25,6 +25,13 @@ Every way BLE can be missing ends ``start()`` with one :class:`~sovereign_discov
 LayerUnavailable` ("ble", reason): a library not installed, no D-Bus system bus, no BlueZ, no
 adapter (or not the named one), adapter powered off, or a backend failing to start.
 
+**When BlueZ goes away later** (bluetoothd restarting drops every registration; BlueZ calls
+``Release`` on an advertisement it drops; the adapter is removed or powered off; the system bus
+goes), a watcher notices (``BleStack.watch``) and the layer reports ``unavailable`` with the reason
+through :meth:`~sovereign_discovery.layers.LayerContext.layer_state`, then restarts its backends
+(probe, scan, GATT application, advertisement) as soon as BlueZ is back, retrying with bounded
+exponential backoff meanwhile, and reports ``running`` again.
+
 Bad input (malformed service data, records that do not verify or do not match, oversized or slow
 GATT answers, floods of devices) is dropped and counted by reason in ``stats()["dropped"]``,
 logged at info the first time per reason and at debug afterwards; nothing from the air raises
@@ -34,7 +41,9 @@ out of the layer. Memory is bounded by ``max_tracked_devices`` and the fetch que
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import random
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
@@ -107,6 +116,10 @@ RERESOLVE_AFTER_S = 60.0
 MAX_RESOLVES_REMEMBERED = 1024
 #: Where a resolved record may come from (stats keys ``resolved_from_<source>``).
 _RESOLVE_SOURCES = ("table", "mdns", "dht")
+#: Restarting the backends after BlueZ went away: the first retry after this, doubling (with
+#: jitter) up to the maximum; a "back" signal from the watcher retries at once.
+RECOVER_FIRST_S = 0.5
+RECOVER_MAX_S = 30.0
 
 
 class _TokenBucket:
@@ -208,6 +221,12 @@ class BleLayer:
         self._token_cache: dict[bytes, tuple[int, dict[bytes, int]]] = {}
         self._tasks: set[asyncio.Task] = set()
         self._readvertise_lock = asyncio.Lock()
+        self._watcher = None
+        self._unavailable: str | None = None  # why BlueZ is unusable now (after start), else None
+        self._needs_restart = False
+        self._needs_readvertise = False
+        self._recover_wakeup = asyncio.Event()
+        self._rng = random.Random()
         self._count: Counter[str] = Counter()
         self._dropped: Counter[str] = Counter()
         self._state = "new"  # new, running, closed
@@ -220,10 +239,11 @@ class BleLayer:
         if self._state != "new":
             raise LayerUnavailable("ble", f"the layer is {self._state}; a layer starts once")
         adapter = self.config.ble_adapter
-        stack = self._stack if self._stack is not None else BlueZStack(adapter)
+        stack = self._stack = self._stack if self._stack is not None else BlueZStack(adapter)
         try:
             self._probe = await asyncio.wait_for(stack.probe(), BACKEND_TIMEOUT_S)
             adapter = self._probe.adapter
+            await self._start_watcher(adapter)
             self._fetcher = stack.record_fetcher(adapter)
             self._context = context
             self._state = "starting"  # sightings are tracked, reported once running
@@ -231,7 +251,7 @@ class BleLayer:
             await asyncio.wait_for(scanner.start(self._on_sighting), BACKEND_TIMEOUT_S)
             self._scanner = scanner
             if self._probe.can_advertise:
-                self._advertiser = stack.advertiser(adapter)
+                self._advertiser = stack.advertiser(adapter, self._on_released)
             if self._probe.can_serve_gatt:
                 self._server = stack.record_server(adapter)
             own = context.own_record
@@ -250,6 +270,7 @@ class BleLayer:
             self._resolve(device, now)
         self._spawn(self._sweep_loop(), "sweep")
         self._spawn(self._fetch_loop(), "fetch")
+        self._spawn(self._recover_loop(), "recover")
         if self.config.rotating_token:
             self._spawn(self._rotate_loop(), "rotate")
         _log.info("BLE layer running on %s (advertising: %s, GATT record: %s)", adapter,
@@ -266,11 +287,13 @@ class BleLayer:
         await asyncio.gather(*tasks, return_exceptions=True)
         self._resolving.clear()
         await self._stop_backends()
+        await self._stop_watcher()
         self._devices.clear()
         self._pending.clear()
 
     async def _abandon_start(self) -> None:
         await self._stop_backends()
+        await self._stop_watcher()
         self._state = "new"
         self._context = None
         self._devices.clear()
@@ -293,6 +316,7 @@ class BleLayer:
             "advertising": self._advertising,
             "serving_record": self._serving,
             "rotating_token": self.config.rotating_token,
+            "bluez": "available" if self._unavailable is None else f"unavailable: {self._unavailable}",
             "tracked_devices": len(self._devices),
             "peers_seen": len(self._peer_devices),
             "pending_fetches": len(self._pending),
@@ -369,6 +393,140 @@ class BleLayer:
             await asyncio.sleep(max(0.05, (self._window(now) + 1) * period - now + 0.01))
             if self._own is not None:
                 await self._advertise(self._own)
+
+    # --- when BlueZ goes away and comes back ------------------------------------------------------------
+
+    async def _start_watcher(self, adapter: str) -> None:
+        """Watch BlueZ and the adapter (a stack without ``watch`` runs unwatched)."""
+        await self._stop_watcher()
+        watch = getattr(self._stack, "watch", None)
+        if watch is not None:
+            watcher = watch(adapter, self._on_bluez_change)
+            await asyncio.wait_for(watcher.start(), BACKEND_TIMEOUT_S)
+            self._watcher = watcher
+
+    async def _stop_watcher(self) -> None:
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            try:
+                await asyncio.wait_for(watcher.stop(), BACKEND_TIMEOUT_S)
+            except Exception as exc:
+                _log.debug("stopping the BlueZ watcher failed: %s", exc)
+
+    def _on_bluez_change(self, kind: str, reason: str) -> None:
+        """The watcher saw BlueZ or the adapter go (``"lost"``) or come back (``"back"``): either
+        way every registration may be gone, so the backends are restarted (at once, then with
+        backoff while it fails)."""
+        if self._state != "running":
+            return
+        self._count[f"bluez_{'lost' if kind == 'lost' else 'back'}"] += 1
+        if kind == "lost":
+            self._set_unavailable(reason)
+        self._needs_restart = True
+        self._recover_wakeup.set()
+
+    def _on_released(self) -> None:
+        """BlueZ dropped our advertisement by itself (``LEAdvertisement1.Release``)."""
+        if self._state != "running":
+            return
+        self._count["advertisement_released"] += 1
+        _log.warning("BlueZ dropped the BLE advertisement (Release); registering it again")
+        self._needs_readvertise = True
+        self._recover_wakeup.set()
+
+    def _set_unavailable(self, reason: str) -> None:
+        if self._unavailable == reason:
+            return
+        self._unavailable = reason
+        _log.warning("BLE unavailable: %s", reason)
+        self._tell_state("unavailable", reason)
+
+    def _set_available(self) -> None:
+        if self._unavailable is None:
+            return
+        self._unavailable = None
+        _log.info("BLE running again on %s", self._adapter)
+        self._tell_state("running", None)
+        self._fetch_wakeup.set()
+
+    def _tell_state(self, state: str, reason: str | None) -> None:
+        try:
+            self._context.layer_state(state, reason)
+        except Exception:  # an older context: the state is still in stats()
+            _log.debug("the context does not take layer states", exc_info=True)
+
+    async def _recover_loop(self) -> None:
+        """Re-register what BlueZ dropped: the advertisement alone after a Release, everything
+        (probe, scanner, GATT application, advertisement) after BlueZ or the adapter went away.
+        A failed attempt is retried after RECOVER_FIRST_S, doubling to RECOVER_MAX_S (with
+        jitter), or at once when the watcher says BlueZ is back."""
+        delay = RECOVER_FIRST_S
+        while self._state == "running":
+            if not (self._needs_restart or self._needs_readvertise):
+                delay = RECOVER_FIRST_S
+                self._recover_wakeup.clear()
+                await self._recover_wakeup.wait()
+                continue
+            self._recover_wakeup.clear()
+            if self._needs_restart:
+                self._needs_restart = self._needs_readvertise = False
+                ok = await self._restart_backends()
+            else:
+                self._needs_readvertise = False
+                ok = await self._readvertise()
+            if ok:
+                continue
+            self._needs_restart = True
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._recover_wakeup.wait(), delay * self._rng.uniform(0.8, 1.2))
+            delay = min(2 * delay, RECOVER_MAX_S)
+
+    async def _readvertise(self) -> bool:
+        own = self._own
+        if own is None or self._advertiser is None:
+            return True
+        try:
+            await self._advertise(own, raise_errors=True)
+        except Exception as exc:
+            self._count["readvertise_failed"] += 1
+            _log.info("registering the BLE advertisement again failed: %s", describe_ble_error(exc, self._adapter))
+            return False
+        self._count["readvertised"] += 1
+        return True
+
+    async def _restart_backends(self) -> bool:
+        """Stop every backend, probe again, and start them again; True if BLE runs again."""
+        self._count["restart_attempts"] += 1
+        adapter = self._adapter
+        stack = self._stack
+        try:
+            async with self._readvertise_lock:
+                await self._stop_backends()
+                if self._watcher is None or not self._watcher.running:
+                    await self._start_watcher(adapter)
+                probe = await asyncio.wait_for(stack.probe(), BACKEND_TIMEOUT_S)
+                self._probe, adapter = probe, probe.adapter
+                self._fetcher = stack.record_fetcher(adapter)
+                scanner = stack.scanner(adapter)
+                await asyncio.wait_for(scanner.start(self._on_sighting), BACKEND_TIMEOUT_S)
+                self._scanner = scanner
+                if probe.can_advertise:
+                    self._advertiser = stack.advertiser(adapter, self._on_released)
+                if probe.can_serve_gatt:
+                    self._server = stack.record_server(adapter)
+            own = self._own if self._own is not None else self._context.own_record
+            if own is not None:
+                await self._advertise(own, raise_errors=True)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            reason = exc.reason if isinstance(exc, LayerUnavailable) else describe_ble_error(exc, adapter)
+            self._count["restart_failed"] += 1
+            self._set_unavailable(reason)
+            return False
+        self._count["restarts"] += 1
+        self._set_available()
+        return True
 
     # --- scanning -------------------------------------------------------------------------------------
 
@@ -628,7 +786,7 @@ class BleLayer:
     async def _fetch_loop(self) -> None:
         """One GATT read at a time, nearest (strongest RSSI) device first, rate-limited."""
         while self._state == "running":
-            if not self._pending:
+            if not self._pending or self._unavailable is not None:  # nothing to read, or no BlueZ
                 self._fetch_wakeup.clear()
                 await self._fetch_wakeup.wait()
                 continue

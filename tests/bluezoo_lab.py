@@ -88,6 +88,8 @@ class BluezooLab:
         self.bus_address = f"unix:path={self.socket}"
         self.log = self.directory / "bluezoo.log"
         self._processes: list[subprocess.Popen] = []
+        self._bluezoo: subprocess.Popen | None = None
+        self._old_logs: list[Path] = []
 
     @property
     def pids(self) -> list[int]:
@@ -105,19 +107,40 @@ class BluezooLab:
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             self._wait(lambda: self.socket.exists(), "the dbus-daemon socket")
             if self.bluez:
-                command = [*bluezoo_command(), "--scan-interval", str(self.scan_interval_s)]
-                if self.auto_enable:
-                    command.append("--auto-enable")
-                for address in ADAPTER_ADDRESSES[: self.adapters]:
-                    command += ["-a", address]
-                with open(self.log, "wb") as log:
-                    self._processes.append(subprocess.Popen(
-                        command, env=self.env(), stdin=subprocess.DEVNULL, stdout=log, stderr=log))
-                self._wait(self._bluez_ready, "BlueZoo to own org.bluez with its adapters")
+                self.start_bluez()
         except BaseException:
             self.stop()
             raise
         return self
+
+    def start_bluez(self) -> None:
+        """Start BlueZoo on the lab's bus (again, after :meth:`stop_bluez`: a bluetoothd restart,
+        with nothing registered) and wait until it owns org.bluez with its adapters."""
+        command = [*bluezoo_command(), "--scan-interval", str(self.scan_interval_s)]
+        if self.auto_enable:
+            command.append("--auto-enable")
+        for address in ADAPTER_ADDRESSES[: self.adapters]:
+            command += ["-a", address]
+        if self.log.exists():  # keep the earlier run's log: log_text(tail=None) reads them all
+            self.log.rename(self.directory / f"bluezoo.{len(self._old_logs)}.log")
+            self._old_logs.append(self.directory / f"bluezoo.{len(self._old_logs)}.log")
+        with open(self.log, "wb") as log:
+            self._bluezoo = subprocess.Popen(command, env=self.env(), stdin=subprocess.DEVNULL, stdout=log,
+                                             stderr=log)
+        self._processes.append(self._bluezoo)
+        self._wait(self._bluez_ready, "BlueZoo to own org.bluez with its adapters")
+
+    def stop_bluez(self) -> None:
+        """Stop BlueZoo (by its PID: SIGTERM, which it does not handle, so it ends at once like a
+        crashed bluetoothd, unregistering nothing); the bus stays. Waits until org.bluez has no owner."""
+        process, self._bluezoo = self._bluezoo, None
+        if process is None:
+            return
+        self._end(process)
+        self._processes.remove(process)
+        self._wait(lambda: self._dbus_send("/org/freedesktop/DBus", "org.freedesktop.DBus.NameHasOwner",
+                                           "string:org.bluez", dest="org.freedesktop.DBus") == "false",
+                   "org.bluez to lose its owner")
 
     def _bluez_ready(self) -> bool:
         if not self.adapters:
@@ -153,21 +176,27 @@ class BluezooLab:
     def log_text(self, tail: int | None = 2000) -> str:
         """BlueZoo's log: its last ``tail`` characters (for error messages), or all of it (None:
         to assert that something never happened)."""
-        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        text = "".join(log.read_text(errors="replace") for log in (*self._old_logs, self.log) if log.exists())
         return text[-tail:] if tail is not None else text
 
     def stop(self) -> None:
         """Stop every process by its PID (BlueZoo first), reap them, remove the directory."""
         for process in reversed(self._processes):
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout=3)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait(timeout=3)
+            self._end(process)
         self._processes.clear()
+        self._bluezoo = None
         shutil.rmtree(self.directory, ignore_errors=True)
+
+    @staticmethod
+    def _end(process: subprocess.Popen) -> None:
+        """SIGTERM, SIGKILL after 3 s, always reaped."""
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=3)
 
     def __enter__(self) -> "BluezooLab":
         return self.start()

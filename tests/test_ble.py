@@ -550,6 +550,82 @@ def test_the_sweep_runs_by_itself():
     run(main())
 
 
+# --- when BlueZ goes away after start ---------------------------------------------------------------
+
+
+def test_after_bluetoothd_restarts_everything_is_registered_again_and_the_state_reported():
+    async def main() -> None:
+        baseline = len(asyncio.all_tasks())
+        radio = FakeRadio()
+        record = make_record()
+        a_context = RecordingContext(own=record)
+        a = await scanning_peer(radio, a_context, "AA:01")
+        b_context = RecordingContext()
+        b = await scanning_peer(radio, b_context, lost_after_s=0.3)
+        await eventually(lambda: b_context.seen, "B's report of A")
+        radio.stop_bluez("AA:01")
+        await eventually(lambda: a_context.states, "A's state change")
+        reason = "BlueZ stopped (org.bluez left the system D-Bus; start bluetoothd)"
+        assert a_context.states == [("unavailable", reason)] and a.stats()["bluez"] == f"unavailable: {reason}"
+        assert "AA:01" not in radio.advertisements and "AA:01" not in radio.scanners
+        await eventually(lambda: b_context.gone == [bytes(record.node_id)], "B loses A", timeout=5)
+        radio.start_bluez("AA:01")
+        await eventually(lambda: a_context.states[-1:] == [("running", None)], "A running again")
+        assert radio.advertisements["AA:01"] and radio.records["AA:01"] == record.encode()
+        assert "AA:01" in radio.scanners  # scanning again too
+        await eventually(lambda: len(b_context.seen) == 2, "B sees A again (read over GATT again)")
+        stats = a.stats()
+        assert stats["restarts"] == 1 and stats["bluez_lost"] == 1 and stats["bluez_back"] == 1
+        assert stats["bluez"] == "available" and stats.get("internal_errors", 0) == 0
+        await a.close()
+        await b.close()
+        assert len(asyncio.all_tasks()) == baseline  # nothing left running
+
+    run(main())
+
+
+def test_while_bluez_stays_away_restarts_back_off_and_succeed_when_it_returns(monkeypatch):
+    import sovereign_discovery.ble as ble
+
+    monkeypatch.setattr(ble, "RECOVER_FIRST_S", 0.05)
+    monkeypatch.setattr(ble, "RECOVER_MAX_S", 0.4)
+
+    async def main() -> None:
+        radio = FakeRadio()
+        context = RecordingContext(own=make_record())
+        layer = await scanning_peer(radio, context, "AA:01")
+        radio.stop_bluez("AA:01")
+        await asyncio.sleep(1.5)
+        attempts = layer.stats()["restart_attempts"]
+        # 0.05, 0.1, 0.2, then every 0.4 s (±20 %): about 6 in 1.5 s, never a busy loop
+        assert 3 <= attempts <= 9 and layer.stats()["restart_failed"] == attempts
+        assert context.states == [("unavailable", "BlueZ stopped (org.bluez left the system D-Bus;"
+                                                  " start bluetoothd)")]  # reported once
+        radio.stacks["AA:01"].unavailable = None  # BlueZ is back, but no signal says so
+        await eventually(lambda: context.states[-1] == ("running", None), "running after a retry", timeout=3)
+        assert "AA:01" in radio.advertisements
+        await layer.close()
+
+    run(main())
+
+
+def test_an_advertisement_bluez_releases_is_registered_again():
+    async def main() -> None:
+        radio = FakeRadio()
+        context = RecordingContext(own=make_record())
+        layer = await scanning_peer(radio, context, "AA:01")
+        payload = radio.advertisements["AA:01"]
+        radio.release_advertisement("AA:01")
+        assert "AA:01" not in radio.advertisements
+        await eventually(lambda: radio.advertisements.get("AA:01") == payload, "the advertisement again")
+        stats = layer.stats()
+        assert stats["advertisement_released"] == 1 and stats["readvertised"] == 1
+        assert context.states == []  # BlueZ itself is fine: no state change
+        await layer.close()
+
+    run(main())
+
+
 # --- unavailable ------------------------------------------------------------------------------------
 
 

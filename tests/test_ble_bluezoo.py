@@ -195,6 +195,50 @@ def test_a_node_whose_dht_can_find_the_peer_resolves_it_without_connecting(lab):
     run_bounded(main(), 60)
 
 
+def test_after_bluez_restarts_both_layers_register_again_and_b_sees_a_again(lab):
+    """BlueZoo is stopped (by PID, like a crashing bluetoothd: every registration is gone) and
+    started again on the same bus: each layer reports unavailable, then re-registers its
+    advertisement and GATT application and scans again; B loses A, then reads and reports it again."""
+    environment = lab()
+    record = make_record()
+
+    async def main() -> None:
+        baseline = len(asyncio.all_tasks())
+        a_context, b_context = RecordingContext(own=record), RecordingContext()
+        a = BleLayer(local("hci1"))
+        b = BleLayer(local("hci0"), lost_after_s=1.0)
+        await a.start(a_context)
+        try:
+            await b.start(b_context)
+            await eventually(lambda: b_context.seen, "B's first report of A", timeout=8)
+            environment.stop_bluez()
+            for context in (a_context, b_context):
+                await eventually(lambda: context.states[:1] == [
+                    ("unavailable", "BlueZ stopped (org.bluez left the system D-Bus; start bluetoothd)")],
+                    "unavailable", timeout=5)
+            await eventually(lambda: b_context.gone == [bytes(record.node_id)], "B loses A", timeout=5)
+            seen = len(b_context.seen)
+            environment.start_bluez()
+            for context in (a_context, b_context):
+                await eventually(lambda: context.states[-1:] == [("running", None)], "running again", timeout=15)
+            await eventually(lambda: len(b_context.seen) > seen, "B sees A again", timeout=15)
+            assert b_context.seen[-1][0] == record
+            assert b.stats()["gatt_records"] == 2  # A's GATT application is registered again
+            for layer in (a, b):
+                stats = layer.stats()
+                assert stats["restarts"] >= 1 and stats["bluez"] == "available", stats
+                assert stats.get("internal_errors", 0) == 0 and len(layer._tasks) <= 4
+            assert a.stats()["advertising"] and a.stats()["serving_record"]
+        finally:
+            await a.close()
+            await b.close()
+        left = [t.get_name() for t in asyncio.all_tasks()]
+        assert not [name for name in left if name.startswith(("ble ", "BlueZ watcher"))], left
+        assert len(left) <= baseline + 1, left  # (bleak keeps one task of its own per loop)
+
+    run_bounded(main(), 60)
+
+
 # --- every way BLE can be missing -----------------------------------------------------------------
 
 
