@@ -414,15 +414,19 @@ class BleLayer:
                 _log.debug("stopping the BlueZ watcher failed: %s", exc)
 
     def _on_bluez_change(self, kind: str, reason: str) -> None:
-        """The watcher saw BlueZ or the adapter go (``"lost"``) or come back (``"back"``): either
-        way every registration may be gone, so the backends are restarted (at once, then with
-        backoff while it fails)."""
+        """The watcher saw BlueZ or the adapter go (``"lost"``: every registration is gone; the
+        backends are restarted, at once, then with backoff while that fails) or come back
+        (``"back"``: retry now if BLE is unavailable; nothing to do otherwise)."""
         if self._state != "running":
             return
-        self._count[f"bluez_{'lost' if kind == 'lost' else 'back'}"] += 1
         if kind == "lost":
+            self._count["bluez_lost"] += 1
             self._set_unavailable(reason)
-        self._needs_restart = True
+            self._needs_restart = True
+        elif self._unavailable is None:
+            return  # e.g. the adapter powered on while working: nothing was lost
+        else:
+            self._count["bluez_back"] += 1
         self._recover_wakeup.set()
 
     def _on_released(self) -> None:

@@ -577,6 +577,8 @@ class BlueZWatcher:
 
     def _signal(self, member: str, path: str, body: list) -> None:
         if member == "NameOwnerChanged" and body[0] == _BLUEZ:
+            if body[1] and body[2]:  # replaced at once: the old one's registrations are gone all the same
+                self.on_change("lost", "BlueZ restarted (org.bluez has a new owner)")
             if body[2]:
                 self.on_change("back", "BlueZ (org.bluez) is on the system D-Bus again")
             else:

@@ -142,6 +142,21 @@ class BluezooLab:
                                            "string:org.bluez", dest="org.freedesktop.DBus") == "false",
                    "org.bluez to lose its owner")
 
+    def remove_adapter(self, index: int) -> None:
+        """Unplug adapter hci<index> (BlueZoo's own ``org.bluezoo.Manager1.RemoveAdapter``)."""
+        if self._dbus_send("/org/bluezoo", "org.bluezoo.Manager1.RemoveAdapter", f"byte:{index}") is None:
+            raise RuntimeError(f"BlueZoo could not remove hci{index}: {self.log_text()}")
+
+    def add_adapter(self, index: int) -> None:
+        """Plug adapter hci<index> in again, with its address (powered on with auto_enable)."""
+        if self._dbus_send("/org/bluezoo", "org.bluezoo.Manager1.AddAdapter", f"byte:{index}",
+                           f"string:{ADAPTER_ADDRESSES[index]}") is None:
+            raise RuntimeError(f"BlueZoo could not add hci{index}: {self.log_text()}")
+
+    def bluez_property(self, path: str, interface: str, name: str) -> str | None:
+        """A BlueZ property as dbus-send prints its value's last word (``true``, ``1``), or None."""
+        return self._dbus_send(path, "org.freedesktop.DBus.Properties.Get", f"string:{interface}", f"string:{name}")
+
     def _bluez_ready(self) -> bool:
         if not self.adapters:
             return self._dbus_send("/org/freedesktop/DBus", "org.freedesktop.DBus.NameHasOwner",
@@ -151,8 +166,7 @@ class BluezooLab:
             return False
         if not self.auto_enable:
             return True
-        return self._dbus_send(f"/org/bluez/hci{self.adapters - 1}", "org.freedesktop.DBus.Properties.Get",
-                               "string:org.bluez.Adapter1", "string:Powered") == "true"
+        return self.bluez_property(f"/org/bluez/hci{self.adapters - 1}", "org.bluez.Adapter1", "Powered") == "true"
 
     def _dbus_send(self, path: str, method: str, *args: str, dest: str = "org.bluez") -> str | None:
         """The last word of dbus-send's reply (``true``), or None on an error."""

@@ -239,6 +239,39 @@ def test_after_bluez_restarts_both_layers_register_again_and_b_sees_a_again(lab)
     run_bounded(main(), 60)
 
 
+def test_an_adapter_unplugged_and_plugged_in_again_is_used_again(lab):
+    environment = lab()
+    record = make_record()
+
+    async def main() -> None:
+        a_context, b_context = RecordingContext(own=record), RecordingContext()
+        a = BleLayer(local("hci1"))
+        b = BleLayer(local("hci0"))
+        await a.start(a_context)
+        try:
+            await b.start(b_context)
+            await eventually(lambda: b_context.seen, "B's first report of A", timeout=8)
+            environment.remove_adapter(1)
+            await eventually(lambda: a_context.states[:1] == [("unavailable", "Bluetooth adapter hci1 was removed")],
+                             "A unavailable", timeout=5)
+            environment.add_adapter(1)
+            await eventually(lambda: a_context.states[-1:] == [("running", None)], "A running again", timeout=15)
+            # BlueZoo keeps the device it reported on hci0, tied to the removed adapter object, and
+            # signals it once: neither B's scan nor a GATT read through hci0 can show the return. So
+            # look at hci1 itself: the advertisement and the GATT application are registered again.
+            assert await asyncio.to_thread(environment.bluez_property, "/org/bluez/hci1",
+                                           "org.bluez.LEAdvertisingManager1", "ActiveInstances") == "1"
+            after = environment.log_text(tail=None).split("Removing adapter[1]", 1)[1]
+            assert "Adding GATT application" in after and "Registering advertisement" in after, after
+            assert b_context.states == []  # B's adapter never went away
+            assert a.stats()["advertising"] and a.stats().get("internal_errors", 0) == 0
+        finally:
+            await a.close()
+            await b.close()
+
+    run_bounded(main(), 60)
+
+
 # --- every way BLE can be missing -----------------------------------------------------------------
 
 
