@@ -625,7 +625,10 @@ class PeerDiscoveryCoordinator:
                                 rssi: int | None, check_reachable: bool) -> None:
         if check_reachable:
             self._count["check.pings"] += 1
-            if not await self._answers(record, [address] if address is not None else record.addresses):
+            candidates = [address] if address is not None else list(record.addresses)
+            if address is not None and address.version == 6 and address.ip.is_link_local:
+                candidates += [a for a in record.addresses if a != address]  # a zone the node may not take
+            if not await self._answers(record, candidates):
                 self._count["check.unreachable"] += 1
                 _log.info("%s saw %s but it does not answer an authenticated PING", source,
                           record.node_id.short())
@@ -823,8 +826,12 @@ class PeerDiscoveryCoordinator:
 
     async def _answers(self, record: PeerRecord, candidates: Sequence[Address]) -> bool:
         """Whether the peer of ``record`` answers an authenticated PING at one of the first four
-        ``candidates``, tried in order."""
-        for where in candidates[:4]:
+        ``candidates``, tried in order. An IPv6 link-local address without a zone is skipped: it
+        does not say which link to send on (a record's addresses carry no zone)."""
+        usable = [a for a in candidates if not _unscoped_link_local(a)]
+        if len(usable) < len(candidates):
+            self._count["check.link_local_skipped"] += len(candidates) - len(usable)
+        for where in usable[:4]:
             try:
                 if await self._node.ping(Contact(record.public_key, where)) is not None:
                     return True
@@ -1120,6 +1127,10 @@ class _Context(LayerContext):
 
     def known_peers(self) -> list[PeerInfo]:
         return self._coordinator._table.peers()
+
+
+def _unscoped_link_local(address: Address) -> bool:
+    return address.version == 6 and address.ip.is_link_local and not address.ip.scope_id
 
 
 def _default_layer(name: str, config: Config) -> LocalLayer | str:
