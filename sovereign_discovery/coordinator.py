@@ -707,6 +707,10 @@ class PeerDiscoveryCoordinator:
             return None
         except ClosedError:
             return None
+        except SovereignDiscoveryError as exc:  # the engine refused a request: nothing found
+            self._count["lookup.resolve_failed"] += 1
+            _log.debug("resolving %s for %s failed: %s", peer_id.hex(), layer, exc)
+            return None
         self._count[f"lookup.resolve_{found.source}" if found is not None else "lookup.resolve_not_found"] += 1
         return found
 
