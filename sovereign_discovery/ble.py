@@ -222,6 +222,7 @@ class BleLayer:
         self._tasks: set[asyncio.Task] = set()
         self._readvertise_lock = asyncio.Lock()
         self._watcher = None
+        self._watched_adapter: str | None = None
         self._unavailable: str | None = None  # why BlueZ is unusable now (after start), else None
         self._needs_restart = False
         self._needs_readvertise = False
@@ -403,7 +404,7 @@ class BleLayer:
         if watch is not None:
             watcher = watch(adapter, self._on_bluez_change)
             await asyncio.wait_for(watcher.start(), BACKEND_TIMEOUT_S)
-            self._watcher = watcher
+            self._watcher, self._watched_adapter = watcher, adapter
 
     async def _stop_watcher(self) -> None:
         watcher, self._watcher = self._watcher, None
@@ -510,6 +511,8 @@ class BleLayer:
                     await self._start_watcher(adapter)
                 probe = await asyncio.wait_for(stack.probe(), BACKEND_TIMEOUT_S)
                 self._probe, adapter = probe, probe.adapter
+                if adapter != self._watched_adapter:  # no adapter named: the first one may be another now
+                    await self._start_watcher(adapter)
                 self._fetcher = stack.record_fetcher(adapter)
                 scanner = stack.scanner(adapter)
                 await asyncio.wait_for(scanner.start(self._on_sighting), BACKEND_TIMEOUT_S)

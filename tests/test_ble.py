@@ -569,8 +569,11 @@ def test_after_bluetoothd_restarts_everything_is_registered_again_and_the_state_
         assert a_context.states == [("unavailable", reason)] and a.stats()["bluez"] == f"unavailable: {reason}"
         assert "AA:01" not in radio.advertisements and "AA:01" not in radio.scanners
         await eventually(lambda: b_context.gone == [bytes(record.node_id)], "B loses A", timeout=5)
+        radio.stacks["AA:01"].adapter = "hci1"  # no adapter configured: the first one is another now
         radio.start_bluez("AA:01")
         await eventually(lambda: a_context.states[-1:] == [("running", None)], "A running again")
+        assert a.stats()["adapter"] == "hci1" and a._watched_adapter == "hci1"  # watched anew
+        assert len(radio.stacks["AA:01"].watchers) == 1  # and the old watcher stopped
         assert radio.advertisements["AA:01"] and radio.records["AA:01"] == record.encode()
         assert "AA:01" in radio.scanners  # scanning again too
         await eventually(lambda: len(b_context.seen) == 2, "B sees A again (read over GATT again)")
