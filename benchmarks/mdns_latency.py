@@ -2,14 +2,16 @@
 """mDNS latency benchmark (issue 5's targets): real ``PeerDiscoveryCoordinator`` processes with the
 mDNS layer on real python-zeroconf, on one link.
 
-Run ``python benchmarks/mdns_latency.py [--rounds N] [--liveness S] [--mode auto|netns|loopback]
-[--json]``. Figures are reported, never asserted (``tests/test_mdns_processes.py`` runs a short
+Run ``python benchmarks/mdns_latency.py [--rounds N] [--liveness S]
+[--mode auto|netns|netns6|loopback] [--json]``. Figures are reported, never asserted (``tests/test_mdns_processes.py`` runs a short
 round and checks the shape and the outcomes).
 
 The link: with ``--mode netns`` (the ``auto`` default when running as root with ``ip netns``) two
 network namespaces joined by a veth pair, 169.254.77.1 (the observer's side) and 169.254.77.2 (the
 peers' side), created for the run and deleted at its end — the closest model of two machines;
-otherwise (``loopback``) every process on the host's 127.0.0.1 (no privilege needed; other mDNS
+``--mode netns6`` is the same link over IPv6 only: unique local addresses fd5d:77::1 and fd5d:77::2
+(assigned without duplicate address detection, so they are usable at once), mDNS on ff02::fb and
+the DHT on those addresses; otherwise (``loopback``) every process on the host's 127.0.0.1 (no privilege needed; other mDNS
 users on this host's loopback share it, so the service type is unique to the run). The output
 says which one ran (``mode``).
 
@@ -62,6 +64,9 @@ sys.path.insert(0, str(HERE.parents[1]))
 
 LOOPBACK = ("127.0.0.1", "127.0.0.1")
 NETNS_ADDRESSES = ("169.254.77.1", "169.254.77.2")
+NETNS6_ADDRESSES = ("fd5d:77::1", "fd5d:77::2")
+MODES = {"loopback": ("loopback", LOOPBACK), "netns": ("netns-veth", NETNS_ADDRESSES),
+         "netns6": ("netns-veth-ipv6", NETNS6_ADDRESSES)}
 TARGETS_MS = {"cold_discovery_ms": 1500.0, "warm_discovery_ms": 200.0, "goodbye_to_lost_ms": 1000.0}
 QUIET_S = 2.5  # after both peers are up: their announcements are over (RFC 6762 §8.3, one-second rule)
 
@@ -98,7 +103,8 @@ async def peer_main(args: argparse.Namespace) -> int:
         has = "mdns" in peer.sources and not isinstance(event, PeerLost)
         if has and key not in mdns_peers:
             mdns_peers.add(key)
-            _emit("mdns_seen", peer=key, kind=type(event).__name__)
+            _emit("mdns_seen", peer=key, kind=type(event).__name__,
+                  address=str(peer.addresses[0]) if peer.addresses else None)
         elif not has and key in mdns_peers:
             mdns_peers.discard(key)
             _emit("mdns_gone", peer=key, kind=type(event).__name__)
@@ -213,13 +219,13 @@ class Lab:
         return None
 
     def address(self, side: int) -> str:
-        return (NETNS_ADDRESSES if self.mode == "netns" else LOOPBACK)[side]
+        return MODES[self.mode][1][side]
 
     def prefix(self, side: int) -> list[str]:
-        return ["ip", "netns", "exec", self.namespaces[side]] if self.mode == "netns" else []
+        return ["ip", "netns", "exec", self.namespaces[side]] if self.mode != "loopback" else []
 
     def __enter__(self) -> "Lab":
-        if self.mode != "netns":
+        if self.mode == "loopback":
             return self
         try:
             for ns in self.namespaces:
@@ -228,7 +234,10 @@ class Lab:
             _ip("link", "add", self.links[0], "netns", self.namespaces[0], "type", "veth",
                 "peer", "name", self.links[1], "netns", self.namespaces[1])
             for side, (ns, link) in enumerate(zip(self.namespaces, self.links)):
-                _ip("-n", ns, "addr", "add", f"{NETNS_ADDRESSES[side]}/24", "dev", link)
+                if self.mode == "netns6":
+                    _ip("-n", ns, "addr", "add", f"{NETNS6_ADDRESSES[side]}/64", "dev", link, "nodad")
+                else:
+                    _ip("-n", ns, "addr", "add", f"{NETNS_ADDRESSES[side]}/24", "dev", link)
                 _ip("-n", ns, "link", "set", "lo", "up")
                 _ip("-n", ns, "link", "set", link, "up")
         except BaseException:
@@ -260,8 +269,10 @@ async def measure(mode: str, rounds: int, liveness_s: float) -> dict:
     cold, warm, warm_start, goodbye, crash = [], [], [], [], []
     failures: list[str] = []
     early_losses = 0
+    seen_at: list[str | None] = []  # where the observer reached each peer it discovered
     observer_stats: dict = {}
     observer_drops: dict = {}
+    observer_checks: dict = {}
     started: list[Peer] = []
 
     async def spawn(side: int, name: str) -> Peer:
@@ -292,6 +303,7 @@ async def measure(mode: str, rounds: int, liveness_s: float) -> dict:
                         failures.append(f"round {n}: {peer.name} not discovered")
                     else:
                         cold.append((line["t"] - peer.first("start")["t"]) * 1000)
+                        seen_at.append(line.get("address"))
                 await asyncio.sleep(QUIET_S)
                 late = await spawn(0, f"late.{n}")
                 running = await late.wait(
@@ -324,6 +336,7 @@ async def measure(mode: str, rounds: int, liveness_s: float) -> dict:
             closing = await observer.wait(lambda line: line["ev"] == "closing", 10)
             observer_stats = closing["stats"] if closing else {}
             observer_drops = closing["dht_drops"] if closing else {}
+            observer_checks = closing["checks"] if closing else {}
         finally:
             await asyncio.gather(*(peer.stop() for peer in started))
     import zeroconf
@@ -333,8 +346,9 @@ async def measure(mode: str, rounds: int, liveness_s: float) -> dict:
                "crash_to_lost_ms": _summary(crash)}
     targets = {**TARGETS_MS, "crash_to_lost_ms": liveness_s * 1000}
     return {
-        "mode": "netns-veth" if mode == "netns" else "loopback",
-        "link": list(NETNS_ADDRESSES if mode == "netns" else LOOPBACK[:1]),
+        "mode": MODES[mode][0],
+        "link": sorted(set(MODES[mode][1])),
+        "seen_at": seen_at,
         "rounds": rounds,
         "liveness_interval_s": liveness_s,
         **figures,
@@ -348,6 +362,7 @@ async def measure(mode: str, rounds: int, liveness_s: float) -> dict:
         "observer_mdns_stats": {k: observer_stats.get(k, 0) for k in (
             "verified", "goodbyes", "lost_liveness", "recovered", "pings", "pings_unanswered")},
         "observer_dht_drops": observer_drops,
+        "observer_checks": observer_checks,
         "zeroconf": zeroconf.__version__,
         "python_version": platform.python_version(),
         "cpu_count": os.cpu_count(),
@@ -365,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     peer.add_argument("--hold", type=float, default=120.0)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--liveness", type=float, default=2.0, help="the observer's liveness interval (s)")
-    parser.add_argument("--mode", choices=("auto", "netns", "loopback"), default="auto")
+    parser.add_argument("--mode", choices=("auto", *MODES), default="auto")
     parser.add_argument("--json", action="store_true", help="print only the JSON result")
     args = parser.parse_args(argv)
     if args.command == "peer":
@@ -376,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     problem = Lab.netns_problem()
     if mode == "auto":
         mode = "loopback" if problem else "netns"
-    elif mode == "netns" and problem:
+    elif mode != "loopback" and problem:
         parser.error(f"--mode netns: {problem}")
     if not args.json:
         print(f"mDNS latency over {mode} ({args.rounds} rounds, liveness {args.liveness} s)"

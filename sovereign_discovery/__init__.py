@@ -80,7 +80,7 @@ _LAZY = {
     **dict.fromkeys(("PeerDiscoveryCoordinator", "DiscoveryEvent", "PeerDiscovered", "PeerUpdated",
                      "PeerLost", "LayerStateChanged"), "coordinator"),
     **dict.fromkeys(("PeerInfo", "PeerTable"), "peer_table"),
-    **dict.fromkeys(("LocalLayer", "LayerContext", "LayerUnavailable"), "layers"),
+    **dict.fromkeys(("LocalLayer", "LayerContext", "LayerUnavailable", "ResolvedPeer"), "layers"),
     **dict.fromkeys(("StatusServer", "StatusClientError"), "status_http"),
 }
 
@@ -160,6 +160,7 @@ __all__ = [
     "LocalLayer",
     "LayerContext",
     "LayerUnavailable",
+    "ResolvedPeer",
     "StatusServer",
     "StatusClientError",
     # the bootstrap layer

@@ -10,10 +10,12 @@ What it does:
   every token window.
 - **Scans** for the same UUID. A sighting is **resolved** without a radio connection when the peer
   table already holds a record whose key matches the advertised hash (or this window's token) and
-  whose seq matches the hint; otherwise, if the advertiser offers GATT, the layer connects and
-  reads the record (nearest device first, by RSSI; rate-limited; bounded in size and time), checks
-  its signature, expiry and bounds (``PeerRecord.decode``) and that its key matches the
-  advertisement.
+  whose seq matches the hint; else through :meth:`~sovereign_discovery.layers.LayerContext.
+  resolve_peer` (records other local layers verified, then the DHT: rate-limited, each bounded
+  in time); otherwise, if the advertiser offers GATT, the layer connects and reads the record
+  (nearest device first, by RSSI; rate-limited; bounded in size and time), checks its signature,
+  expiry and bounds (``PeerRecord.decode``). Whatever the source, the record must match the
+  advertised hash or token.
 - **Reports** verified peers with ``peer_seen(record, rssi=...)``: a record with IP addresses is
   PINGed by the coordinator first (``check_reachable=True``); a BLE-only record is reported as is.
 - **Loses** a peer none of whose devices was seen for ``lost_after_s`` (3 × ``scan_interval_s``
@@ -22,6 +24,13 @@ What it does:
 Every way BLE can be missing ends ``start()`` with one :class:`~sovereign_discovery.layers.
 LayerUnavailable` ("ble", reason): a library not installed, no D-Bus system bus, no BlueZ, no
 adapter (or not the named one), adapter powered off, or a backend failing to start.
+
+**When BlueZ goes away later** (bluetoothd restarting drops every registration; BlueZ calls
+``Release`` on an advertisement it drops; the adapter is removed or powered off; the system bus
+goes), a watcher notices (``BleStack.watch``) and the layer reports ``unavailable`` with the reason
+through :meth:`~sovereign_discovery.layers.LayerContext.layer_state`, then restarts its backends
+(probe, scan, GATT application, advertisement) as soon as BlueZ is back, retrying with bounded
+exponential backoff meanwhile, and reports ``running`` again.
 
 Bad input (malformed service data, records that do not verify or do not match, oversized or slow
 GATT answers, floods of devices) is dropped and counted by reason in ``stats()["dropped"]``,
@@ -32,7 +41,9 @@ out of the layer. Memory is bounded by ``max_tracked_devices`` and the fetch que
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import random
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
@@ -90,6 +101,46 @@ INDEX_EVERY_S = 1.0
 BACKEND_TIMEOUT_S = 10.0
 #: RSSI values outside this range are treated as unknown (a malformed report).
 _RSSI_RANGE = range(-127, 21)
+#: Resolutions through the context (other layers' records, the DHT) in flight at once; a device
+#: beyond it goes straight to GATT (``resolve_busy``).
+MAX_RESOLVES_IN_FLIGHT = 2
+#: Each resolution through the context may take this long; then it falls through to GATT.
+DEFAULT_RESOLVE_TIMEOUT_S = 5.0
+#: Resolutions that may ask the DHT over the network: a token bucket of this many, refilled at
+#: this rate; without a token the context answers from memory only (``resolve_local_only``).
+DEFAULT_LOOKUP_BURST = 4
+DEFAULT_LOOKUPS_PER_S = 0.2
+#: An advertised (peer ID, seq hint) resolved through the context is not asked again before
+#: this (a new seq hint may be); at most ``MAX_RESOLVES_REMEMBERED`` are remembered.
+RERESOLVE_AFTER_S = 60.0
+MAX_RESOLVES_REMEMBERED = 1024
+#: Where a resolved record may come from (stats keys ``resolved_from_<source>``).
+_RESOLVE_SOURCES = ("table", "mdns", "dht")
+#: Restarting the backends after BlueZ went away: the first retry after this, doubling (with
+#: jitter) up to the maximum; a "back" signal from the watcher retries at once.
+RECOVER_FIRST_S = 0.5
+RECOVER_MAX_S = 30.0
+
+
+class _TokenBucket:
+    """``burst`` tokens, refilled at ``rate`` per second (monotonic time)."""
+
+    __slots__ = ("burst", "rate", "tokens", "at")
+
+    def __init__(self, burst: int, rate: float) -> None:
+        self.burst, self.rate = float(burst), float(rate)
+        self.tokens = self.burst
+        self.at = time.monotonic()
+
+    def take(self) -> float:
+        """0 if a token was taken now, else the seconds until one is there (none taken)."""
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return 0.0
+        return (1.0 - self.tokens) / self.rate
 
 
 class _Device:
@@ -123,16 +174,20 @@ class BleLayer:
                  lost_after_s: float | None = None, gatt_timeout_s: float = DEFAULT_GATT_TIMEOUT_S,
                  max_tracked_devices: int = DEFAULT_MAX_TRACKED_DEVICES,
                  fetches_per_s: float = DEFAULT_FETCHES_PER_S, fetch_burst: int = DEFAULT_FETCH_BURST,
+                 resolve_timeout_s: float = DEFAULT_RESOLVE_TIMEOUT_S,
+                 lookups_per_s: float = DEFAULT_LOOKUPS_PER_S, lookup_burst: int = DEFAULT_LOOKUP_BURST,
                  wall_clock: Callable[[], float] = time.time) -> None:
         config = LocalConfig() if config is None else config
         if not isinstance(config, LocalConfig):
             raise ArgumentTypeError(f"config must be a LocalConfig, not {type(config).__name__}")
         lost_after_s = 3 * config.scan_interval_s if lost_after_s is None else lost_after_s
         for name, value in (("lost_after_s", lost_after_s), ("gatt_timeout_s", gatt_timeout_s),
-                            ("fetches_per_s", fetches_per_s)):
+                            ("fetches_per_s", fetches_per_s), ("resolve_timeout_s", resolve_timeout_s),
+                            ("lookups_per_s", lookups_per_s)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ArgumentValueError(f"{name} must be a positive number, not {value!r}")
-        for name, value in (("max_tracked_devices", max_tracked_devices), ("fetch_burst", fetch_burst)):
+        for name, value in (("max_tracked_devices", max_tracked_devices), ("fetch_burst", fetch_burst),
+                            ("lookup_burst", lookup_burst)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ArgumentValueError(f"{name} must be a positive int, not {value!r}")
         self.config = config
@@ -140,8 +195,6 @@ class BleLayer:
         self._lost_after_s = float(lost_after_s)
         self._gatt_timeout_s = float(gatt_timeout_s)
         self._max_devices = max_tracked_devices
-        self._fetch_rate = float(fetches_per_s)
-        self._fetch_burst = fetch_burst
         self._wall = wall_clock
         self._context: LayerContext | None = None
         self._probe: ProbeResult | None = None
@@ -157,14 +210,24 @@ class BleLayer:
         self._peer_devices: dict[bytes, set[str]] = {}  # reported node ID -> its addresses
         self._pending: set[str] = set()  # addresses waiting for a GATT read
         self._fetch_wakeup = asyncio.Event()
-        self._tokens = float(fetch_burst)
-        self._tokens_at = time.monotonic()
+        self._fetch_bucket = _TokenBucket(fetch_burst, fetches_per_s)
+        self._resolve_timeout_s = float(resolve_timeout_s)
+        self._lookup_bucket = _TokenBucket(lookup_burst, lookups_per_s)
+        self._resolving: dict[str, asyncio.Task] = {}  # address -> its resolution through the context
+        self._resolved_at: OrderedDict[tuple[bytes, int], float] = OrderedDict()  # (peer ID, seq hint)
         self._index: dict[bytes, PeerInfo] = {}
         self._index_at = float("-inf")
         self._index_window: int | None = None
         self._token_cache: dict[bytes, tuple[int, dict[bytes, int]]] = {}
         self._tasks: set[asyncio.Task] = set()
         self._readvertise_lock = asyncio.Lock()
+        self._watcher = None
+        self._watched_adapter: str | None = None
+        self._unavailable: str | None = None  # why BlueZ is unusable now (after start), else None
+        self._needs_restart = False
+        self._needs_readvertise = False
+        self._recover_wakeup = asyncio.Event()
+        self._rng = random.Random()
         self._count: Counter[str] = Counter()
         self._dropped: Counter[str] = Counter()
         self._state = "new"  # new, running, closed
@@ -177,10 +240,11 @@ class BleLayer:
         if self._state != "new":
             raise LayerUnavailable("ble", f"the layer is {self._state}; a layer starts once")
         adapter = self.config.ble_adapter
-        stack = self._stack if self._stack is not None else BlueZStack(adapter)
+        stack = self._stack = self._stack if self._stack is not None else BlueZStack(adapter)
         try:
             self._probe = await asyncio.wait_for(stack.probe(), BACKEND_TIMEOUT_S)
             adapter = self._probe.adapter
+            await self._start_watcher(adapter)
             self._fetcher = stack.record_fetcher(adapter)
             self._context = context
             self._state = "starting"  # sightings are tracked, reported once running
@@ -188,7 +252,7 @@ class BleLayer:
             await asyncio.wait_for(scanner.start(self._on_sighting), BACKEND_TIMEOUT_S)
             self._scanner = scanner
             if self._probe.can_advertise:
-                self._advertiser = stack.advertiser(adapter)
+                self._advertiser = stack.advertiser(adapter, self._on_released)
             if self._probe.can_serve_gatt:
                 self._server = stack.record_server(adapter)
             own = context.own_record
@@ -207,6 +271,7 @@ class BleLayer:
             self._resolve(device, now)
         self._spawn(self._sweep_loop(), "sweep")
         self._spawn(self._fetch_loop(), "fetch")
+        self._spawn(self._recover_loop(), "recover")
         if self.config.rotating_token:
             self._spawn(self._rotate_loop(), "rotate")
         _log.info("BLE layer running on %s (advertising: %s, GATT record: %s)", adapter,
@@ -217,16 +282,19 @@ class BleLayer:
         if self._state == "closed":
             return
         self._state = "closed"
-        tasks = list(self._tasks)
+        tasks = [*self._tasks, *self._resolving.values()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        self._resolving.clear()
         await self._stop_backends()
+        await self._stop_watcher()
         self._devices.clear()
         self._pending.clear()
 
     async def _abandon_start(self) -> None:
         await self._stop_backends()
+        await self._stop_watcher()
         self._state = "new"
         self._context = None
         self._devices.clear()
@@ -249,9 +317,11 @@ class BleLayer:
             "advertising": self._advertising,
             "serving_record": self._serving,
             "rotating_token": self.config.rotating_token,
+            "bluez": "available" if self._unavailable is None else f"unavailable: {self._unavailable}",
             "tracked_devices": len(self._devices),
             "peers_seen": len(self._peer_devices),
             "pending_fetches": len(self._pending),
+            "resolving": len(self._resolving),
             **dict(sorted(self._count.items())),
             "dropped": dict(sorted(self._dropped.items())),
         }
@@ -325,6 +395,146 @@ class BleLayer:
             if self._own is not None:
                 await self._advertise(self._own)
 
+    # --- when BlueZ goes away and comes back ------------------------------------------------------------
+
+    async def _start_watcher(self, adapter: str) -> None:
+        """Watch BlueZ and the adapter (a stack without ``watch`` runs unwatched)."""
+        await self._stop_watcher()
+        watch = getattr(self._stack, "watch", None)
+        if watch is not None:
+            watcher = watch(adapter, self._on_bluez_change)
+            await asyncio.wait_for(watcher.start(), BACKEND_TIMEOUT_S)
+            self._watcher, self._watched_adapter = watcher, adapter
+
+    async def _stop_watcher(self) -> None:
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            try:
+                await asyncio.wait_for(watcher.stop(), BACKEND_TIMEOUT_S)
+            except Exception as exc:
+                _log.debug("stopping the BlueZ watcher failed: %s", exc)
+
+    def _on_bluez_change(self, kind: str, reason: str) -> None:
+        """The watcher saw BlueZ or the adapter go (``"lost"``: every registration is gone; the
+        backends are restarted, at once, then with backoff while that fails) or come back
+        (``"back"``: retry now if BLE is unavailable; nothing to do otherwise)."""
+        if self._state != "running":
+            return
+        if kind == "lost":
+            self._count["bluez_lost"] += 1
+            self._set_unavailable(reason)
+            self._needs_restart = True
+        elif self._unavailable is None:
+            return  # e.g. the adapter powered on while working: nothing was lost
+        else:
+            self._count["bluez_back"] += 1
+        self._recover_wakeup.set()
+
+    def _on_released(self) -> None:
+        """BlueZ dropped our advertisement by itself (``LEAdvertisement1.Release``)."""
+        if self._state != "running":
+            return
+        self._count["advertisement_released"] += 1
+        _log.warning("BlueZ dropped the BLE advertisement (Release); registering it again")
+        self._needs_readvertise = True
+        self._recover_wakeup.set()
+
+    def _set_unavailable(self, reason: str) -> None:
+        if self._unavailable == reason:
+            return
+        self._unavailable = reason
+        _log.warning("BLE unavailable: %s", reason)
+        self._tell_state("unavailable", reason)
+
+    def _set_available(self) -> None:
+        if self._unavailable is None:
+            return
+        self._unavailable = None
+        _log.info("BLE running again on %s", self._adapter)
+        self._tell_state("running", None)
+        self._fetch_wakeup.set()
+
+    def _tell_state(self, state: str, reason: str | None) -> None:
+        try:
+            self._context.layer_state(state, reason)
+        except Exception:  # an older context: the state is still in stats()
+            _log.debug("the context does not take layer states", exc_info=True)
+
+    async def _recover_loop(self) -> None:
+        """Re-register what BlueZ dropped: the advertisement alone after a Release, everything
+        (probe, scanner, GATT application, advertisement) after BlueZ or the adapter went away.
+        A failed attempt is retried after RECOVER_FIRST_S, doubling to RECOVER_MAX_S (with
+        jitter), or at once when the watcher says BlueZ is back."""
+        delay = RECOVER_FIRST_S
+        while self._state == "running":
+            if not (self._needs_restart or self._needs_readvertise):
+                delay = RECOVER_FIRST_S
+                self._recover_wakeup.clear()
+                await self._recover_wakeup.wait()
+                continue
+            self._recover_wakeup.clear()
+            if self._needs_restart:
+                self._needs_restart = self._needs_readvertise = False
+                ok = await self._restart_backends()
+            else:
+                self._needs_readvertise = False
+                ok = await self._readvertise()
+            if ok:
+                continue
+            self._needs_restart = True
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._recover_wakeup.wait(), delay * self._rng.uniform(0.8, 1.2))
+            delay = min(2 * delay, RECOVER_MAX_S)
+
+    async def _readvertise(self) -> bool:
+        own = self._own
+        if own is None or self._advertiser is None:
+            return True
+        try:
+            await self._advertise(own, raise_errors=True)
+        except Exception as exc:
+            self._count["readvertise_failed"] += 1
+            _log.info("registering the BLE advertisement again failed: %s", describe_ble_error(exc, self._adapter))
+            return False
+        self._count["readvertised"] += 1
+        return True
+
+    async def _restart_backends(self) -> bool:
+        """Stop every backend, probe again, and start them again; True if BLE runs again."""
+        self._count["restart_attempts"] += 1
+        adapter = self._adapter
+        stack = self._stack
+        try:
+            async with self._readvertise_lock:
+                await self._stop_backends()
+                if self._watcher is None or not self._watcher.running:
+                    await self._start_watcher(adapter)
+                probe = await asyncio.wait_for(stack.probe(), BACKEND_TIMEOUT_S)
+                self._probe, adapter = probe, probe.adapter
+                if adapter != self._watched_adapter:  # no adapter named: the first one may be another now
+                    await self._start_watcher(adapter)
+                self._fetcher = stack.record_fetcher(adapter)
+                scanner = stack.scanner(adapter)
+                await asyncio.wait_for(scanner.start(self._on_sighting), BACKEND_TIMEOUT_S)
+                self._scanner = scanner
+                if probe.can_advertise:
+                    self._advertiser = stack.advertiser(adapter, self._on_released)
+                if probe.can_serve_gatt:
+                    self._server = stack.record_server(adapter)
+            own = self._own if self._own is not None else self._context.own_record
+            if own is not None:
+                await self._advertise(own, raise_errors=True)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            reason = exc.reason if isinstance(exc, LayerUnavailable) else describe_ble_error(exc, adapter)
+            self._count["restart_failed"] += 1
+            self._set_unavailable(reason)
+            return False
+        self._count["restarts"] += 1
+        self._set_available()
+        return True
+
     # --- scanning -------------------------------------------------------------------------------------
 
     def _drop(self, reason: str, detail: object = "") -> None:
@@ -390,9 +600,9 @@ class BleLayer:
             self._detach(device.address, bytes(record.node_id))
 
     def _make_room(self) -> bool:
-        """Evict the least recently seen device that is neither resolved nor being read."""
+        """Evict the least recently seen device that is neither resolved nor being resolved or read."""
         for address, device in self._devices.items():
-            if device.record is None and address not in self._pending:
+            if device.record is None and address not in self._pending and address not in self._resolving:
                 del self._devices[address]
                 self._count["devices_evicted"] += 1
                 return True
@@ -404,21 +614,118 @@ class BleLayer:
 
     def _resolve(self, device: _Device, now: float) -> None:
         """Use the record held for ``device`` if its seq matches the hint; else a newer one from
-        the peer table; else queue a GATT read (reporting the older record meanwhile)."""
+        the peer table; else, for a peer nothing here knows, ask the context (other layers'
+        records, the DHT); else queue a GATT read (reporting an older record meanwhile: a stale
+        one is read over GATT, the peer itself has the newest)."""
         payload, record = device.payload, device.record
         if record is None or not self._fresh(payload, record):
             known = self._from_table(payload)
             if known is not None and (record is None or known.seq > record.seq):
                 device.record = record = known
                 self._count["resolved_from_table"] += 1
-            if record is None or not self._fresh(payload, record):
-                if payload.gatt:
-                    self._queue_fetch(device, now)
-                elif record is None and not device.unresolvable_counted:
-                    device.unresolvable_counted = True
-                    self._drop("unresolvable", f"{device.address} offers no GATT record and is unknown")
+            if record is None and self._state == "running" and self._resolve_elsewhere(device, now):
+                return  # the resolution reports, or reads over GATT, itself
+            if (record is None or not self._fresh(payload, record)) and self._state == "running":
+                self._fall_through(device, now)
         if record is not None:
             self._report(device, now)
+
+    def _fall_through(self, device: _Device, now: float) -> None:
+        """Nothing else resolved ``device``: read it over GATT if it offers that."""
+        if device.payload.gatt:
+            self._queue_fetch(device, now)
+        elif device.record is None and not device.unresolvable_counted:
+            device.unresolvable_counted = True
+            self._drop("unresolvable", f"{device.address} offers no GATT record and is unknown")
+
+    def _resolve_elsewhere(self, device: _Device, now: float) -> bool:
+        """Start resolving ``device`` through ``LayerContext.resolve_peer``; True if a resolution
+        runs for it now (it falls through to GATT itself if it fails). Not again for the same
+        (peer ID, seq hint) within RERESOLVE_AFTER_S; at most MAX_RESOLVES_IN_FLIGHT at once;
+        the network (the DHT) only with a token of the lookup bucket."""
+        address, payload = device.address, device.payload
+        if address in self._resolving:
+            return True
+        key = (payload.peer_id, payload.seq_hint)
+        tried = self._resolved_at.get(key)
+        if tried is not None and now - tried < RERESOLVE_AFTER_S:
+            return False
+        if len(self._resolving) >= MAX_RESOLVES_IN_FLIGHT:
+            self._count["resolve_busy"] += 1
+            return False
+        self._resolved_at[key] = now
+        self._resolved_at.move_to_end(key)
+        while len(self._resolved_at) > MAX_RESOLVES_REMEMBERED:
+            self._resolved_at.popitem(last=False)
+        lookup = self._lookup_bucket.take() == 0.0
+        if not lookup:
+            self._count["resolve_local_only"] += 1
+        task = asyncio.create_task(self._resolve_through_context(device, payload, lookup),
+                                   name=f"ble resolve {address}")
+        self._resolving[address] = task
+        task.add_done_callback(lambda t, a=address: self._resolution_done(a, t))
+        return True
+
+    def _resolution_done(self, address: str, task: asyncio.Task) -> None:
+        if self._resolving.get(address) is task:
+            del self._resolving[address]
+        if not task.cancelled() and task.exception() is not None:
+            self._count["internal_errors"] += 1
+            _log.error("BLE resolution of %s failed", address, exc_info=task.exception())
+
+    async def _resolve_through_context(self, device: _Device, payload: BlePayload, lookup: bool) -> None:
+        """Ask the context for the record ``payload`` names; check it like a GATT answer (a
+        record object, unexpired, of the advertised key); then report it, and read over GATT
+        if it is still unknown or stale."""
+        windows = self._windows()
+        key_matches = (lambda public_key: payload.matches(public_key, windows) is not None) \
+            if payload.rotating else None  # a token names a key only the node may already know
+        record = None
+        try:
+            found = await asyncio.wait_for(
+                self._context.resolve_peer(payload.peer_id, key_matches=key_matches, lookup=lookup,
+                                           deadline_s=self._resolve_timeout_s),
+                self._resolve_timeout_s + 1.0)
+        except (asyncio.TimeoutError, TimeoutError):
+            self._count["resolve_timeout"] += 1
+        except Exception as exc:  # a context's bug must not cost the sighting
+            self._count["resolve_failed"] += 1
+            _log.debug("BLE: resolving %s through the node failed: %s: %s", device.address,
+                       type(exc).__name__, exc)
+        else:
+            record = self._check_resolved(found, payload)
+        if self._state != "running" or self._devices.get(device.address) is not device \
+                or device.payload.peer_id != payload.peer_id:
+            return  # gone, or it advertises something else now; the next sighting resolves that
+        held = device.record
+        if record is not None and (held is None or held.public_key != record.public_key
+                                   or record.supersedes(held)):
+            if held is not None and held.public_key != record.public_key:
+                self._forget_record(device)
+            device.record = record
+            device.reported_at = float("-inf")
+        now = time.monotonic()
+        if device.record is None or not self._fresh(device.payload, device.record):
+            self._fall_through(device, now)
+        self._report(device, now)
+
+    def _check_resolved(self, found: object, payload: BlePayload) -> PeerRecord | None:
+        """The record of a resolution if it is one for ``payload``; counted by outcome."""
+        if found is None:
+            self._count["resolve_not_found"] += 1
+            return None
+        record, source = getattr(found, "record", None), getattr(found, "source", None)
+        if not isinstance(record, PeerRecord):
+            self._count["resolve_failed"] += 1
+            return None
+        if record.is_expired(self._wall()):
+            self._drop("record_expired", "from the node's resolution")
+            return None
+        if payload.matches(record.public_key, self._windows()) is None:
+            self._drop("id_mismatch", "the node resolved a record of another key")
+            return None
+        self._count[f"resolved_from_{source if source in _RESOLVE_SOURCES else 'other'}"] += 1
+        return record
 
     def _from_table(self, payload: BlePayload) -> PeerRecord | None:
         """A known, unexpired, verified record whose key ``payload`` names."""
@@ -483,24 +790,14 @@ class BleLayer:
         self._pending.add(device.address)
         self._fetch_wakeup.set()
 
-    def _take_token(self) -> float:
-        """0 if a GATT read may start now (and take the token), else the seconds to wait."""
-        now = time.monotonic()
-        self._tokens = min(float(self._fetch_burst), self._tokens + (now - self._tokens_at) * self._fetch_rate)
-        self._tokens_at = now
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
-            return 0.0
-        return (1.0 - self._tokens) / self._fetch_rate
-
     async def _fetch_loop(self) -> None:
         """One GATT read at a time, nearest (strongest RSSI) device first, rate-limited."""
         while self._state == "running":
-            if not self._pending:
+            if not self._pending or self._unavailable is not None:  # nothing to read, or no BlueZ
                 self._fetch_wakeup.clear()
                 await self._fetch_wakeup.wait()
                 continue
-            wait = self._take_token()
+            wait = self._fetch_bucket.take()
             if wait > 0:
                 self._count["fetches_delayed"] += 1
                 await asyncio.sleep(wait)

@@ -14,7 +14,13 @@ Interfaces (each started and stopped by the layer; every method is a coroutine u
   stats key) and never waits longer than ``timeout_s``.
 
 A :class:`BleStack` bundles them with ``probe()``, which checks that BLE can run here and raises
-:class:`~sovereign_discovery.layers.LayerUnavailable` with a reason a user can act on.
+:class:`~sovereign_discovery.layers.LayerUnavailable` with a reason a user can act on, and
+``watch(adapter, on_change)``, a :class:`BleWatcher` that calls ``on_change("lost", reason)`` when
+BlueZ or the adapter goes away (bluetoothd stopped or restarting, the adapter removed or powered
+off, the system bus gone) and ``on_change("back", reason)`` when it returns. An advertiser is
+made with ``on_release``, called when BlueZ drops the advertisement by itself
+(``LEAdvertisement1.Release``). The layer re-registers everything then
+(docs/local-discovery.md, "When BlueZ goes away").
 
 Real implementations (:class:`BlueZStack`; bleak, bless and dbus-fast are imported only when
 used, so this module imports without them):
@@ -27,6 +33,9 @@ used, so this module imports without them):
 - :class:`BlessRecordServer`: a bless GATT application registered with ``GattManager1``, without
   bless's own advertisement (it would rename the adapter and hide ours).
 - :class:`BleakRecordFetcher`: bleak's ``BleakClient`` connect, ``read_gatt_char``, disconnect.
+- :class:`BlueZWatcher`: dbus-fast match rules on ``NameOwnerChanged`` of ``org.bluez``, the
+  adapter's ``InterfacesAdded`` / ``InterfacesRemoved`` and its ``Powered`` property, and the bus
+  connection itself.
 
 Test implementations: :class:`FakeRadio` is the air between any number of :class:`FakeStack`\\ s
 (one per simulated device); tests inject raw sightings, RSSI values, slow or oversized GATT
@@ -66,6 +75,8 @@ __all__ = [
     "BleakBleScanner",
     "BlessRecordServer",
     "BleakRecordFetcher",
+    "BleWatcher",
+    "BlueZWatcher",
     "FakeRadio",
     "FakeStack",
     "describe_ble_error",
@@ -141,12 +152,27 @@ class GattRecordFetcher(Protocol):
     async def fetch(self, sighting: BleSighting, *, max_bytes: int, timeout_s: float) -> bytes: ...
 
 
+class BleWatcher(Protocol):
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    @property
+    def running(self) -> bool: ...
+
+
+#: ``on_change(kind, reason)``: kind is "lost" (BlueZ or the adapter went away) or "back".
+ChangeCallback = Callable[[str, str], None]
+
+
 class BleStack(Protocol):
-    """A source of the four backends, bound to one adapter after :meth:`probe`."""
+    """A source of the backends, bound to one adapter after :meth:`probe`."""
 
     async def probe(self) -> ProbeResult: ...
 
-    def advertiser(self, adapter: str) -> BleAdvertiser: ...
+    def advertiser(self, adapter: str, on_release: Callable[[], None] | None = None) -> BleAdvertiser: ...
+
+    def watch(self, adapter: str, on_change: ChangeCallback) -> BleWatcher: ...
 
     def scanner(self, adapter: str) -> BleScanner: ...
 
@@ -260,8 +286,11 @@ class BlueZStack:
             raise LayerUnavailable("ble", f"Bluetooth adapter {name} is powered off (bluetoothctl power on)")
         return ProbeResult(name, _ADV_MANAGER_IFACE in interfaces, _GATT_MANAGER_IFACE in interfaces)
 
-    def advertiser(self, adapter: str) -> "BlueZAdvertiser":
-        return BlueZAdvertiser(adapter)
+    def advertiser(self, adapter: str, on_release: Callable[[], None] | None = None) -> "BlueZAdvertiser":
+        return BlueZAdvertiser(adapter, on_release)
+
+    def watch(self, adapter: str, on_change: ChangeCallback) -> "BlueZWatcher":
+        return BlueZWatcher(adapter, on_change)
 
     def scanner(self, adapter: str) -> "BleakBleScanner":
         return BleakBleScanner(adapter)
@@ -310,10 +339,12 @@ def _advertisement_class():
 
 class BlueZAdvertiser:
     """Advertises the payload through ``LEAdvertisingManager1`` of ``adapter`` (dbus-fast).
-    ``released`` turns True when BlueZ drops the advertisement (adapter off, bluetoothd gone)."""
+    ``released`` turns True, and ``on_release`` is called, when BlueZ drops the advertisement by
+    itself (adapter off, bluetoothd stopping): not when we unregister it."""
 
-    def __init__(self, adapter: str) -> None:
+    def __init__(self, adapter: str, on_release: Callable[[], None] | None = None) -> None:
         self.adapter = adapter
+        self.on_release = on_release
         self.released = False
         self._bus = None
         self._advertisement = None
@@ -339,8 +370,12 @@ class BlueZAdvertiser:
                               "UnregisterAdvertisement", "o", (self._path,))
 
     def _released(self) -> None:
+        if not self._registered:
+            return  # the Release that answers our own UnregisterAdvertisement
         self._registered = False
         self.released = True
+        if self.on_release is not None:
+            self.on_release()
 
     async def update(self, payload: bytes) -> None:
         """BlueZ reads the properties at registration: register again with the new payload."""
@@ -484,6 +519,99 @@ class BleakRecordFetcher:
         return bytes(data)
 
 
+_DBUS = "org.freedesktop.DBus"
+_OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
+
+
+class BlueZWatcher:
+    """Tells ``on_change`` when BlueZ or ``adapter`` goes away and comes back, from signals on
+    its own system-bus connection: ``NameOwnerChanged`` of ``org.bluez`` (bluetoothd stopped,
+    or started: every registration of the old one is gone), ``InterfacesRemoved`` /
+    ``InterfacesAdded`` of the adapter, its ``Powered`` property, and the bus connection itself
+    (``running`` turns False when it drops; the layer starts a new watcher then)."""
+
+    def __init__(self, adapter: str, on_change: ChangeCallback) -> None:
+        self.adapter = adapter
+        self.on_change = on_change
+        self._path = f"/org/bluez/{adapter}"
+        self._bus = None
+        self._task: asyncio.Task | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._bus is not None and self._task is not None and not self._task.done()
+
+    async def start(self) -> None:
+        from dbus_fast import Message
+
+        bus = await _system_bus()
+        try:
+            for rule in (f"type='signal',sender='{_DBUS}',interface='{_DBUS}',member='NameOwnerChanged',"
+                         f"arg0='{_BLUEZ}'",
+                         f"type='signal',sender='{_BLUEZ}',interface='{_OBJECT_MANAGER}',path='/'",
+                         f"type='signal',sender='{_BLUEZ}',interface='org.freedesktop.DBus.Properties',"
+                         f"member='PropertiesChanged',path='{self._path}'"):
+                await bus.call(Message(destination=_DBUS, path="/org/freedesktop/DBus", interface=_DBUS,
+                                       member="AddMatch", signature="s", body=[rule]))
+            bus.add_message_handler(self._on_message)
+        except BaseException:
+            bus.disconnect()
+            raise
+        self._bus = bus
+        self._task = asyncio.create_task(self._watch_connection(bus), name=f"BlueZ watcher {self.adapter}")
+
+    async def _watch_connection(self, bus) -> None:
+        with contextlib.suppress(Exception):
+            await bus.wait_for_disconnect()
+        if self._bus is bus:  # not our own stop()
+            self._bus = None
+            self.on_change("lost", f"the D-Bus system bus at {_system_bus_address()} went away")
+
+    def _on_message(self, message) -> None:
+        """A signal we matched (dbus-fast calls this for every message; never raises)."""
+        try:
+            self._signal(message.member, message.path, message.body)
+        except Exception:  # a malformed signal tells us nothing
+            return None
+        return None
+
+    def _signal(self, member: str, path: str, body: list) -> None:
+        if member == "NameOwnerChanged" and body[0] == _BLUEZ:
+            if body[1] and body[2]:  # replaced at once: the old one's registrations are gone all the same
+                self.on_change("lost", "BlueZ restarted (org.bluez has a new owner)")
+            if body[2]:
+                self.on_change("back", "BlueZ (org.bluez) is on the system D-Bus again")
+            else:
+                self.on_change("lost", "BlueZ stopped (org.bluez left the system D-Bus; start bluetoothd)")
+        elif member in ("InterfacesAdded", "InterfacesRemoved") and body[0] == self._path:
+            interfaces = body[1]
+            if _ADAPTER_IFACE in interfaces:
+                if member == "InterfacesAdded":
+                    self.on_change("back", f"Bluetooth adapter {self.adapter} is back")
+                else:
+                    self.on_change("lost", f"Bluetooth adapter {self.adapter} was removed")
+        elif member == "PropertiesChanged" and path == self._path and body[0] == _ADAPTER_IFACE:
+            powered = body[1].get("Powered")
+            if powered is not None:
+                if powered.value:
+                    self.on_change("back", f"Bluetooth adapter {self.adapter} is powered on")
+                else:
+                    self.on_change("lost", f"Bluetooth adapter {self.adapter} is powered off"
+                                           " (bluetoothctl power on)")
+
+    async def stop(self) -> None:
+        bus, self._bus = self._bus, None
+        task, self._task = self._task, None
+        if bus is not None:
+            with contextlib.suppress(Exception):
+                bus.remove_message_handler(self._on_message)
+            bus.disconnect()
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+
+
 # --- in-memory radio for tests ----------------------------------------------------------------------
 
 
@@ -503,12 +631,39 @@ class FakeRadio:
         self.gatt_delay_s: dict[str, float] = {}
         self.gatt_answer: dict[str, bytes] = {}
         self.fetches: list[tuple[str, str]] = []  # (reader, device read)
+        self.stacks: dict[str, FakeStack] = {}
 
     def stack(self, address: str, *, unavailable: str | None = None, adapter: str = "hci0",
               fail_on: str | None = None) -> "FakeStack":
         """A device at ``address``. ``unavailable``: its probe raises LayerUnavailable with that
         reason. ``fail_on`` ("advertiser", "scanner", "server"): that backend's start raises."""
-        return FakeStack(self, address, unavailable, adapter, fail_on)
+        stack = self.stacks[address] = FakeStack(self, address, unavailable, adapter, fail_on)
+        return stack
+
+    def stop_bluez(self, address: str, reason: str = "BlueZ stopped (org.bluez left the system D-Bus;"
+                                                       " start bluetoothd)") -> None:
+        """What bluetoothd stopping does to the device at ``address``: its advertisement, GATT
+        record and scan are gone, its probe and backends fail, and its watchers hear ``lost``."""
+        stack = self.stacks[address]
+        stack.unavailable = reason
+        for table in (self.advertisements, self.records, self.scanners):
+            table.pop(address, None)
+        for on_change in list(stack.watchers):
+            on_change("lost", reason)
+
+    def start_bluez(self, address: str) -> None:
+        """bluetoothd runs again for ``address`` (with nothing registered); its watchers hear ``back``."""
+        stack = self.stacks[address]
+        stack.unavailable = None
+        for on_change in list(stack.watchers):
+            on_change("back", "BlueZ (org.bluez) is on the system D-Bus again")
+
+    def release_advertisement(self, address: str) -> None:
+        """BlueZ drops the advertisement of ``address`` by itself (``LEAdvertisement1.Release``)."""
+        self.advertisements.pop(address, None)
+        on_release = self.stacks[address].on_release
+        if on_release is not None:
+            on_release()
 
     def emit(self, sighting: BleSighting, *, exclude: str | None = None) -> None:
         for address, callback in list(self.scanners.items()):
@@ -532,6 +687,7 @@ class _FakePublisher:
         self._radio, self._address, self._table = radio, address, table
 
     async def start(self, data: bytes) -> None:
+        self._radio.stacks[self._address].check_up()
         getattr(self._radio, self._table)[self._address] = bytes(data)
         if self._table == "advertisements":
             self._radio._send(self._address, bytes(data))
@@ -547,6 +703,7 @@ class _FakeScanner:
         self._radio, self._address = radio, address
 
     async def start(self, on_sighting: Callable[[BleSighting], None]) -> None:
+        self._radio.stacks[self._address].check_up()
         self._radio.scanners[self._address] = on_sighting
         for address, payload in list(self._radio.advertisements.items()):
             if address != self._address:
@@ -576,6 +733,21 @@ class _FakeFetcher:
         return data
 
 
+class _FakeWatcher:
+    def __init__(self, stack: "FakeStack", on_change: ChangeCallback) -> None:
+        self._stack, self._on_change = stack, on_change
+        self.running = False
+
+    async def start(self) -> None:
+        self._stack.watchers.append(self._on_change)
+        self.running = True
+
+    async def stop(self) -> None:
+        with contextlib.suppress(ValueError):
+            self._stack.watchers.remove(self._on_change)
+        self.running = False
+
+
 class FakeStack:
     """One simulated device on a :class:`FakeRadio` (see :meth:`FakeRadio.stack`)."""
 
@@ -586,6 +758,13 @@ class FakeStack:
         self.unavailable = unavailable
         self.adapter = adapter
         self.fail_on = fail_on
+        self.watchers: list[ChangeCallback] = []
+        self.on_release: Callable[[], None] | None = None
+
+    def check_up(self) -> None:
+        """Raise what a D-Bus call to a BlueZ that is gone raises."""
+        if self.unavailable is not None:
+            raise BleBackendError(f"[org.freedesktop.DBus.Error.ServiceUnknown] {self.unavailable}")
 
     async def probe(self) -> ProbeResult:
         if self.unavailable is not None:
@@ -596,9 +775,13 @@ class FakeStack:
         if self.fail_on == part:
             raise FileNotFoundError(2, "No such file or directory")  # what dbus-fast raises with no bus
 
-    def advertiser(self, adapter: str) -> BleAdvertiser:
+    def advertiser(self, adapter: str, on_release: Callable[[], None] | None = None) -> BleAdvertiser:
         self._check("advertiser")
+        self.on_release = on_release
         return _FakePublisher(self.radio, self.address, "advertisements")
+
+    def watch(self, adapter: str, on_change: ChangeCallback) -> BleWatcher:
+        return _FakeWatcher(self, on_change)
 
     def scanner(self, adapter: str) -> BleScanner:
         self._check("scanner")

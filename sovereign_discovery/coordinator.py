@@ -48,11 +48,18 @@ from .aio import DhtNode
 from .bootstrap import BootstrapEvent, BootstrapLayer, BootstrapRejected
 from .config import Config
 from .constants import DEFAULT_BUCKET_SIZE
-from .errors import ArgumentTypeError, ArgumentValueError, ClosedError, SovereignDiscoveryError
+from .constants import NODE_ID_BYTES
+from .errors import (
+    ArgumentTypeError,
+    ArgumentValueError,
+    ClosedError,
+    LookupTimeoutError,
+    SovereignDiscoveryError,
+)
 from .events import ContactAdded, ContactRemoved, Event
 from .identity import Identity
 from .keys import NodeId, check_node_id
-from .layers import LayerContext, LayerUnavailable, LocalLayer
+from .layers import LAYER_STATES, LayerContext, LayerUnavailable, LocalLayer, ResolvedPeer, record_matches
 from .peer_cache import PeerCache
 from .peer_table import DEFAULT_MAX_PEERS, LOCAL_SOURCES, PeerInfo, PeerTable
 from .records import PeerRecord, check_capability
@@ -85,6 +92,18 @@ REFRESH_BEFORE_EXPIRY_S = 600.0
 REFETCH_AFTER_S = 60.0
 #: Events queued per ``events()`` iterator before the oldest are dropped (and counted).
 DEFAULT_EVENT_QUEUE = 1000
+#: Records local layers reported (verified), kept so that another layer can resolve a short peer
+#: ID through them (``LayerContext.resolve_peer``) before the PING confirms the peer; the least
+#: recently reported beyond this are forgotten.
+MAX_LOCAL_RECORDS = 256
+#: ``resolve_peer`` calls asking the network at once; beyond it they answer from memory only.
+MAX_RESOLVES_IN_FLIGHT = 4
+#: Known keys ``resolve_peer`` offers a layer's ``key_matches`` per call (each may cost HMACs); the
+#: loop yields every ``_RESOLVE_YIELD_EVERY`` of them.
+MAX_RESOLVE_KEYS = 4096
+_RESOLVE_YIELD_EVERY = 256
+#: Contacts whose ID or key matches asked for their record per ``resolve_peer`` call.
+MAX_RESOLVE_FETCHES = 2
 
 
 # --- events ----------------------------------------------------------------------------------------
@@ -254,6 +273,8 @@ class PeerDiscoveryCoordinator:
         self._reseeded = 0
         self._announce_on_contact = False
         self._refetched: dict[bytes, float] = {}
+        self._local_records: OrderedDict[bytes, tuple[str, PeerRecord]] = OrderedDict()
+        self._resolves_in_flight = 0
         self._rng = random.Random()
         self._started_at = 0.0
 
@@ -404,9 +425,10 @@ class PeerDiscoveryCoordinator:
             state, reason = self._layer_state.get(name, ("off", None))
             entry: dict = {"state": state, "reason": reason}
             layer = self._layers.get(name)
-            if layer is not None and state == "running":
+            if layer is not None:  # running, or unavailable for now (its backend went away)
                 with contextlib.suppress(Exception):
                     entry.update(layer.stats())
+                entry.update(state=state, reason=reason)
             layers[name] = entry
         finished = self._bootstrap.finished if self._bootstrap is not None else None
         count = self._count
@@ -603,7 +625,10 @@ class PeerDiscoveryCoordinator:
                                 rssi: int | None, check_reachable: bool) -> None:
         if check_reachable:
             self._count["check.pings"] += 1
-            if not await self._answers(record, [address] if address is not None else record.addresses):
+            candidates = [address] if address is not None else list(record.addresses)
+            if address is not None and address.version == 6 and address.ip.is_link_local:
+                candidates += [a for a in record.addresses if a != address]  # a zone the node may not take
+            if not await self._answers(record, candidates):
                 self._count["check.unreachable"] += 1
                 _log.info("%s saw %s but it does not answer an authenticated PING", source,
                           record.node_id.short())
@@ -627,6 +652,7 @@ class PeerDiscoveryCoordinator:
             self._count["check.expired_record"] += 1
             return
         self._count[f"check.sightings_{layer}"] += 1
+        self._remember_local_record(layer, record)
         key = (bytes(record.node_id), layer)
         held = self._table.get(record.node_id)
         checked = self._checked_at.get(key)
@@ -638,6 +664,131 @@ class PeerDiscoveryCoordinator:
         if len(self._checked_at) > 4 * self._table_bound():
             self._checked_at.clear()
         self._queue_check(key, ("sighting", layer, record, address, rssi, check_reachable))
+
+    def _remember_local_record(self, layer: str, record: PeerRecord) -> None:
+        """Keep what a local layer verified for other layers' ``resolve_peer`` (newest seq, LRU)."""
+        key = bytes(record.node_id)
+        held = self._local_records.pop(key, None)
+        if held is not None and held[1].public_key == record.public_key and held[1].seq > record.seq:
+            record, layer = held[1], held[0]
+        self._local_records[key] = (layer, record)
+        while len(self._local_records) > MAX_LOCAL_RECORDS:
+            self._local_records.popitem(last=False)
+
+    async def _resolve_peer(self, layer: str, peer_id: object, key_matches: object, lookup: object,
+                            deadline_s: object) -> ResolvedPeer | None:
+        """``LayerContext.resolve_peer`` for ``layer`` (see there): the peer table, then records
+        other local layers verified, then (with ``lookup``) the DHT; counted in
+        ``stats()["lookups"]`` as ``resolve_<source>``, ``resolve_not_found``, ``resolve_timeout``,
+        ``resolve_busy`` (the network was not asked: too many in flight) and ``resolve_bad_request``."""
+        if self._state != "open":
+            return None
+        if (not isinstance(peer_id, (bytes, bytearray)) or not 1 <= len(peer_id) <= NODE_ID_BYTES
+                or (key_matches is not None and not callable(key_matches))
+                or isinstance(deadline_s, bool) or not isinstance(deadline_s, (int, float))
+                or not 0 < deadline_s <= 60):
+            self._count["lookup.resolve_bad_request"] += 1
+            return None
+        peer_id = bytes(peer_id)
+        try:
+            async with asyncio.timeout(float(deadline_s)):
+                found = await self._resolve_in_memory(layer, peer_id, key_matches)
+                if found is None and lookup and self._node is not None and not self._node.closed:
+                    if self._resolves_in_flight >= MAX_RESOLVES_IN_FLIGHT:
+                        self._count["lookup.resolve_busy"] += 1
+                    else:
+                        self._resolves_in_flight += 1
+                        try:
+                            found = await self._resolve_in_dht(peer_id, key_matches)
+                        finally:
+                            self._resolves_in_flight -= 1
+        except TimeoutError:
+            self._count["lookup.resolve_timeout"] += 1
+            return None
+        except ClosedError:
+            return None
+        except SovereignDiscoveryError as exc:  # the engine refused a request: nothing found
+            self._count["lookup.resolve_failed"] += 1
+            _log.debug("resolving %s for %s failed: %s", peer_id.hex(), layer, exc)
+            return None
+        self._count[f"lookup.resolve_{found.source}" if found is not None else "lookup.resolve_not_found"] += 1
+        return found
+
+    async def _resolve_in_memory(self, layer: str, peer_id: bytes,
+                                 key_matches: Callable[[bytes], bool] | None) -> ResolvedPeer | None:
+        """The peer table, then the records other local layers reported."""
+        now = time.time()
+        if key_matches is None and len(peer_id) == NODE_ID_BYTES:  # a whole ID: no scan needed
+            held = self._table.get(peer_id)
+            local = self._local_records.get(peer_id)
+            candidates = [("table", held.record)] if held is not None else []
+            candidates += [local] if local is not None and local[0] != layer else []
+        else:
+            candidates = [("table", peer.record) for peer in self._table]
+            candidates += [(source, record) for source, record in reversed(self._local_records.values())
+                           if source != layer]
+        for n, (source, record) in enumerate(candidates[:MAX_RESOLVE_KEYS]):
+            if key_matches is not None and n and not n % _RESOLVE_YIELD_EVERY:
+                await asyncio.sleep(0)  # a layer's key_matches may cost HMACs: keep the loop responsive
+            if record_matches(record, peer_id, key_matches, now):
+                return ResolvedPeer(record, source)
+        return None
+
+    async def _resolve_in_dht(self, peer_id: bytes,
+                              key_matches: Callable[[bytes], bool] | None) -> ResolvedPeer | None:
+        """Routing-table contacts whose ID (prefix) or key matches are asked for their own record;
+        for a prefix with none in the table, a FIND_NODE towards the prefix (the peer, if it is in
+        the DHT, is the closest node to it by far) finds one first. Tokens need a known key."""
+        node = self._node
+        table = node.engine.table
+        if key_matches is None:
+            target = peer_id + bytes(NODE_ID_BYTES - len(peer_id))
+            contacts = [c for c in table.closest(target, MAX_RESOLVE_FETCHES)
+                        if bytes(c.node_id).startswith(peer_id)]
+            if not contacts and self._config.dht.enabled:
+                self._count["lookup.resolve_lookups"] += 1
+                try:
+                    closest = await node.find_closest(target)
+                except LookupTimeoutError as exc:
+                    closest = list(exc.closest)
+                contacts = [c for c in closest if bytes(c.node_id).startswith(peer_id)]
+        else:
+            contacts = []
+            for n, contact in enumerate(list(table)[:MAX_RESOLVE_KEYS]):
+                if n and not n % _RESOLVE_YIELD_EVERY:
+                    await asyncio.sleep(0)
+                try:
+                    if key_matches(contact.public_key):
+                        contacts.append(contact)
+                except Exception:
+                    continue
+                if len(contacts) >= MAX_RESOLVE_FETCHES:
+                    break
+        now = time.time()
+        for contact in contacts[:MAX_RESOLVE_FETCHES]:
+            record = await node.fetch_record(contact)  # a valid record of that very key, or None
+            if record is None and self._config.dht.enabled:
+                with contextlib.suppress(LookupTimeoutError):
+                    record = await node.find_record(contact.node_id)  # stored at its k closest
+            if record is not None and record_matches(record, peer_id, key_matches, now):
+                return ResolvedPeer(record, "dht")
+        return None
+
+    def _layer_reported(self, layer: str, state: object, reason: object) -> None:
+        """A started layer's own state change (``LayerContext.layer_state``)."""
+        if self._state != "open" or layer not in self._layers:
+            return
+        if state not in LAYER_STATES or (reason is not None and not isinstance(reason, str)):
+            self._count["check.bad_layer_state"] += 1
+            _log.warning("layer %s reported an unknown state %r (%r): ignored", layer, state, reason)
+            return
+        reason = None if state == "running" else (reason or "no reason given")
+        if self._layer_state.get(layer) == (state, reason):
+            return
+        self._layer_state[layer] = (state, reason)
+        log = _log.info if state == "running" else _log.warning
+        log("%s layer is %s%s", layer, state, f": {reason}" if reason else "")
+        self._emit(LayerStateChanged(layer, state, reason))
 
     def _valid_sighting(self, record: object, address: object, rssi: object = None) -> bool:
         """A layer passed a PeerRecord, an Address (or None) and an int RSSI (or None); else it is
@@ -679,8 +830,12 @@ class PeerDiscoveryCoordinator:
 
     async def _answers(self, record: PeerRecord, candidates: Sequence[Address]) -> bool:
         """Whether the peer of ``record`` answers an authenticated PING at one of the first four
-        ``candidates``, tried in order."""
-        for where in candidates[:4]:
+        ``candidates``, tried in order. An IPv6 link-local address without a zone is skipped: it
+        does not say which link to send on (a record's addresses carry no zone)."""
+        usable = [a for a in candidates if not _unscoped_link_local(a)]
+        if len(usable) < len(candidates):
+            self._count["check.link_local_skipped"] += len(candidates) - len(usable)
+        for where in usable[:4]:
             try:
                 if await self._node.ping(Contact(record.public_key, where)) is not None:
                     return True
@@ -956,6 +1111,13 @@ class _Context(LayerContext):
     async def ping(self, record: PeerRecord, address: Address | None = None) -> bool:
         return await self._coordinator._ping_peer(self._layer, record, address)
 
+    async def resolve_peer(self, peer_id: bytes, *, key_matches: Callable[[bytes], bool] | None = None,
+                           lookup: bool = True, deadline_s: float = 5.0) -> ResolvedPeer | None:
+        return await self._coordinator._resolve_peer(self._layer, peer_id, key_matches, lookup, deadline_s)
+
+    def layer_state(self, state: str, reason: str | None = None) -> None:
+        self._coordinator._layer_reported(self._layer, state, reason)
+
     @property
     def bound(self) -> list[tuple[str, int]]:
         node = self._coordinator._node
@@ -969,6 +1131,10 @@ class _Context(LayerContext):
 
     def known_peers(self) -> list[PeerInfo]:
         return self._coordinator._table.peers()
+
+
+def _unscoped_link_local(address: Address) -> bool:
+    return address.version == 6 and address.ip.is_link_local and not address.ip.scope_id
 
 
 def _default_layer(name: str, config: Config) -> LocalLayer | str:

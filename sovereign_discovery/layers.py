@@ -19,13 +19,18 @@ A layer reports what it sees through the :class:`LayerContext` the coordinator g
 and :meth:`LayerContext.peer_gone` when the peer said goodbye or stopped answering
 (:meth:`LayerContext.ping` checks that a peer still answers). The context also tells the layer
 the node's own record, and when it changes (re-announce then), and the node's UDP sockets
-(:attr:`LayerContext.bound`).
+(:attr:`LayerContext.bound`). A layer that sees only a short peer ID (BLE's hash or rotating
+token) asks :meth:`LayerContext.resolve_peer` for the record before it connects to the peer; a
+layer whose backend goes away and comes back after ``start`` (bluetoothd restarting) says so with
+:meth:`LayerContext.layer_state`.
 """
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from .addresses import Address
@@ -34,7 +39,10 @@ from .identity import Identity
 from .peer_table import PeerInfo
 from .records import PeerRecord
 
-__all__ = ["LocalLayer", "LayerContext", "LayerUnavailable"]
+__all__ = ["LocalLayer", "LayerContext", "LayerUnavailable", "ResolvedPeer", "record_matches", "LAYER_STATES"]
+
+#: The states a running layer may report through :meth:`LayerContext.layer_state`.
+LAYER_STATES = ("running", "unavailable")
 
 
 class LayerUnavailable(SovereignDiscoveryError):
@@ -44,6 +52,31 @@ class LayerUnavailable(SovereignDiscoveryError):
         super().__init__(f"{layer} unavailable: {reason}")
         self.layer = layer
         self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedPeer:
+    """What :meth:`LayerContext.resolve_peer` found: a verified ``record`` and where it came from
+    (``source``): ``"table"`` (the peer table), the name of the local layer that verified it
+    (``"mdns"``), or ``"dht"`` (a routing-table contact's own record, or found by a lookup)."""
+
+    record: PeerRecord
+    source: str
+
+
+def record_matches(record: PeerRecord, peer_id: bytes, key_matches: Callable[[bytes], bool] | None,
+                   now: float) -> bool:
+    """Whether the unexpired ``record`` is the one a short ``peer_id`` names: its node ID begins
+    with ``peer_id``, or, with ``key_matches``, ``key_matches(record.public_key)`` holds (a
+    callable that raises counts as no match)."""
+    if record.is_expired(now):
+        return False
+    if key_matches is None:
+        return bytes(record.node_id).startswith(peer_id)
+    try:
+        return bool(key_matches(record.public_key))
+    except Exception:
+        return False
 
 
 @runtime_checkable
@@ -105,6 +138,33 @@ class LayerContext(ABC):
         A context that cannot PING raises NotImplementedError (the layer then runs without
         liveness checks)."""
         raise NotImplementedError
+
+    async def resolve_peer(self, peer_id: bytes, *, key_matches: Callable[[bytes], bool] | None = None,
+                           lookup: bool = True, deadline_s: float = 5.0) -> ResolvedPeer | None:
+        """A verified, unexpired record of the peer a short ``peer_id`` names, or None.
+
+        Without ``key_matches``, ``peer_id`` (1 to 20 bytes) is a prefix of the node ID (BLE's
+        16-byte hash). With it, ``peer_id`` is opaque (a rotating token) and a record matches when
+        ``key_matches(public_key)`` is true: only keys the node already knows can match (the
+        peer table, records other local layers verified, routing-table contacts), since a token
+        cannot be looked up. Tried in order: the peer table, the records other local layers
+        reported (verified, even if their PING has not been answered yet), then, only with
+        ``lookup``, the DHT over the network (a routing-table contact whose ID or key matches is
+        asked for its own record; for a prefix, a FIND_NODE towards it, then the record of a
+        contact whose ID begins with it). Bounded by ``deadline_s``; never raises for what the
+        layer passes (None then). The caller still checks the record against what it saw.
+        This default answers from :meth:`known_peers` only."""
+        now = time.time()
+        for peer in self.known_peers():
+            if record_matches(peer.record, bytes(peer_id), key_matches, now):
+                return ResolvedPeer(peer.record, "table")
+        return None
+
+    def layer_state(self, state: str, reason: str | None = None) -> None:
+        """The layer's state changed after ``start``: ``"unavailable"`` (with ``reason``) while
+        its backend is gone (bluetoothd stopped, the adapter removed), ``"running"`` once it
+        works again. The coordinator reports it (``LayerStateChanged``, ``stats()``). This
+        default ignores it."""
 
     @property
     def bound(self) -> list[tuple[str, int]]:

@@ -196,10 +196,12 @@ def decode_txt(rdata: bytes) -> bytes:
 
 def choose_address(seen: tuple[str, ...], port: int, record: PeerRecord) -> Address | None:
     """The address to reach the peer of ``record``, which mDNS saw at ``seen`` with SRV ``port``:
-    a record address (signed, port included) whose IP was seen if there is one; otherwise a seen
+    a record address (signed, port included) whose IP was seen if there is one (a record's
+    link-local address, which carries no zone, gets the zone it was seen with); otherwise a seen
     address with the SRV port — IPv4 first, then routable IPv6, then link-local IPv6 only with
-    its zone (an unscoped ``fe80::`` is ambiguous on a multi-homed host and is ignored). None
-    if nothing usable was seen (the coordinator then tries the record's addresses)."""
+    its zone (an unscoped ``fe80::`` is ambiguous on a multi-homed host and is ignored, whether
+    seen or in the record). None if nothing usable was seen (the coordinator then tries the
+    record's addresses)."""
     ips = []
     for text in seen[:MAX_SEEN_ADDRESSES]:
         try:
@@ -214,6 +216,11 @@ def choose_address(seen: tuple[str, ...], port: int, record: PeerRecord) -> Addr
     for address in record.addresses:
         if address.ip in ips:
             return address
+    for address in record.addresses:  # a signed link-local address has no zone: the seen one's, if any
+        if address.version == 6 and address.ip.is_link_local:
+            for ip in ips:
+                if ip.version == 6 and ip.scope_id and ipaddress.IPv6Address(str(ip).split("%")[0]) == address.ip:
+                    return Address(ip, address.port)
     if not 1 <= port <= 65535:
         return None
     ranked = sorted(ips, key=lambda ip: (ip.version, ip.version == 6 and ip.is_link_local))

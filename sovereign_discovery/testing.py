@@ -18,6 +18,7 @@ After every call into a host the network drains its datagrams and re-arms its si
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import math
 import random
@@ -27,7 +28,7 @@ from typing import Callable, Protocol
 from .addresses import Address
 from .errors import ArgumentTypeError, ArgumentValueError
 from .identity import Identity
-from .layers import LayerContext
+from .layers import LayerContext, ResolvedPeer, record_matches
 from .peer_table import PeerInfo
 from .records import PeerRecord
 
@@ -234,16 +235,30 @@ class RecordingLayerContext(LayerContext):
     layers.LayerContext`), to test a layer alone: it holds an own record (change it with
     :meth:`change_own_record`), answers ``known_peer(s)`` from the ``known`` records, and records
     what the layer reports: ``seen`` gets ``(record, address, rssi, check_reachable)`` per
-    ``peer_seen``, ``gone`` a node ID per ``peer_gone``. It cannot PING (see ``LayerContext.ping``)."""
+    ``peer_seen``, ``gone`` a node ID per ``peer_gone``, ``states`` ``(state, reason)`` per
+    ``layer_state``. It cannot PING (see ``LayerContext.ping``).
+
+    ``resolve_peer`` answers like the coordinator, in its order: from ``known`` (source
+    ``"table"``), from ``local`` (records another local layer verified, source ``"mdns"``), then,
+    only when the layer allows a lookup, from ``dht`` (records the DHT would find, source
+    ``"dht"``) after ``dht_delay_s`` (a slow lookup); ``dht_error`` makes that step raise it.
+    ``resolves`` records each call as ``(peer_id, by_key, lookup)``."""
 
     def __init__(self, identity: Identity | None = None, own: PeerRecord | None = None,
-                 known: tuple[PeerRecord, ...] = ()) -> None:
+                 known: tuple[PeerRecord, ...] = (), *, local: tuple[PeerRecord, ...] = (),
+                 dht: tuple[PeerRecord, ...] = (), dht_delay_s: float = 0.0) -> None:
         self._identity = identity if identity is not None else Identity.generate()
         self.own = own
         self.known = {bytes(r.node_id): r for r in known}
+        self.local = {bytes(r.node_id): r for r in local}
+        self.dht = {bytes(r.node_id): r for r in dht}
+        self.dht_delay_s = dht_delay_s
+        self.dht_error: BaseException | None = None
         self.callbacks: list[Callable[[PeerRecord], None]] = []
         self.seen: list[tuple] = []
         self.gone: list[bytes] = []
+        self.states: list[tuple[str, str | None]] = []
+        self.resolves: list[tuple[bytes, bool, bool]] = []
 
     @property
     def identity(self) -> Identity:
@@ -276,3 +291,24 @@ class RecordingLayerContext(LayerContext):
 
     def known_peers(self) -> list[PeerInfo]:
         return [self.known_peer(key) for key in self.known]
+
+    async def resolve_peer(self, peer_id: bytes, *, key_matches: Callable[[bytes], bool] | None = None,
+                           lookup: bool = True, deadline_s: float = 5.0) -> ResolvedPeer | None:
+        import time
+
+        self.resolves.append((bytes(peer_id), key_matches is not None, bool(lookup)))
+        sources = [("table", self.known), ("mdns", self.local)]
+        if lookup:
+            sources.append(("dht", self.dht))
+        for source, records in sources:
+            if source == "dht":
+                await asyncio.sleep(self.dht_delay_s)
+                if self.dht_error is not None:
+                    raise self.dht_error
+            for record in records.values():
+                if record_matches(record, bytes(peer_id), key_matches, time.time()):
+                    return ResolvedPeer(record, source)
+        return None
+
+    def layer_state(self, state: str, reason: str | None = None) -> None:
+        self.states.append((state, reason))

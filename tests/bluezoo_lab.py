@@ -88,6 +88,8 @@ class BluezooLab:
         self.bus_address = f"unix:path={self.socket}"
         self.log = self.directory / "bluezoo.log"
         self._processes: list[subprocess.Popen] = []
+        self._bluezoo: subprocess.Popen | None = None
+        self._old_logs: list[Path] = []
 
     @property
     def pids(self) -> list[int]:
@@ -105,19 +107,55 @@ class BluezooLab:
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             self._wait(lambda: self.socket.exists(), "the dbus-daemon socket")
             if self.bluez:
-                command = [*bluezoo_command(), "--scan-interval", str(self.scan_interval_s)]
-                if self.auto_enable:
-                    command.append("--auto-enable")
-                for address in ADAPTER_ADDRESSES[: self.adapters]:
-                    command += ["-a", address]
-                with open(self.log, "wb") as log:
-                    self._processes.append(subprocess.Popen(
-                        command, env=self.env(), stdin=subprocess.DEVNULL, stdout=log, stderr=log))
-                self._wait(self._bluez_ready, "BlueZoo to own org.bluez with its adapters")
+                self.start_bluez()
         except BaseException:
             self.stop()
             raise
         return self
+
+    def start_bluez(self) -> None:
+        """Start BlueZoo on the lab's bus (again, after :meth:`stop_bluez`: a bluetoothd restart,
+        with nothing registered) and wait until it owns org.bluez with its adapters."""
+        command = [*bluezoo_command(), "--scan-interval", str(self.scan_interval_s)]
+        if self.auto_enable:
+            command.append("--auto-enable")
+        for address in ADAPTER_ADDRESSES[: self.adapters]:
+            command += ["-a", address]
+        if self.log.exists():  # keep the earlier run's log: log_text(tail=None) reads them all
+            self.log.rename(self.directory / f"bluezoo.{len(self._old_logs)}.log")
+            self._old_logs.append(self.directory / f"bluezoo.{len(self._old_logs)}.log")
+        with open(self.log, "wb") as log:
+            self._bluezoo = subprocess.Popen(command, env=self.env(), stdin=subprocess.DEVNULL, stdout=log,
+                                             stderr=log)
+        self._processes.append(self._bluezoo)
+        self._wait(self._bluez_ready, "BlueZoo to own org.bluez with its adapters")
+
+    def stop_bluez(self) -> None:
+        """Stop BlueZoo (by its PID: SIGTERM, which it does not handle, so it ends at once like a
+        crashed bluetoothd, unregistering nothing); the bus stays. Waits until org.bluez has no owner."""
+        process, self._bluezoo = self._bluezoo, None
+        if process is None:
+            return
+        self._end(process)
+        self._processes.remove(process)
+        self._wait(lambda: self._dbus_send("/org/freedesktop/DBus", "org.freedesktop.DBus.NameHasOwner",
+                                           "string:org.bluez", dest="org.freedesktop.DBus") == "false",
+                   "org.bluez to lose its owner")
+
+    def remove_adapter(self, index: int) -> None:
+        """Unplug adapter hci<index> (BlueZoo's own ``org.bluezoo.Manager1.RemoveAdapter``)."""
+        if self._dbus_send("/org/bluezoo", "org.bluezoo.Manager1.RemoveAdapter", f"byte:{index}") is None:
+            raise RuntimeError(f"BlueZoo could not remove hci{index}: {self.log_text()}")
+
+    def add_adapter(self, index: int) -> None:
+        """Plug adapter hci<index> in again, with its address (powered on with auto_enable)."""
+        if self._dbus_send("/org/bluezoo", "org.bluezoo.Manager1.AddAdapter", f"byte:{index}",
+                           f"string:{ADAPTER_ADDRESSES[index]}") is None:
+            raise RuntimeError(f"BlueZoo could not add hci{index}: {self.log_text()}")
+
+    def bluez_property(self, path: str, interface: str, name: str) -> str | None:
+        """A BlueZ property as dbus-send prints its value's last word (``true``, ``1``), or None."""
+        return self._dbus_send(path, "org.freedesktop.DBus.Properties.Get", f"string:{interface}", f"string:{name}")
 
     def _bluez_ready(self) -> bool:
         if not self.adapters:
@@ -128,8 +166,7 @@ class BluezooLab:
             return False
         if not self.auto_enable:
             return True
-        return self._dbus_send(f"/org/bluez/hci{self.adapters - 1}", "org.freedesktop.DBus.Properties.Get",
-                               "string:org.bluez.Adapter1", "string:Powered") == "true"
+        return self.bluez_property(f"/org/bluez/hci{self.adapters - 1}", "org.bluez.Adapter1", "Powered") == "true"
 
     def _dbus_send(self, path: str, method: str, *args: str, dest: str = "org.bluez") -> str | None:
         """The last word of dbus-send's reply (``true``), or None on an error."""
@@ -150,21 +187,30 @@ class BluezooLab:
             time.sleep(0.02)
         raise TimeoutError(f"timed out after {self.timeout_s} s waiting for {what}: {self.log_text()}")
 
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
+    def log_text(self, tail: int | None = 2000) -> str:
+        """BlueZoo's log: its last ``tail`` characters (for error messages), or all of it (None:
+        to assert that something never happened)."""
+        text = "".join(log.read_text(errors="replace") for log in (*self._old_logs, self.log) if log.exists())
+        return text[-tail:] if tail is not None else text
 
     def stop(self) -> None:
         """Stop every process by its PID (BlueZoo first), reap them, remove the directory."""
         for process in reversed(self._processes):
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout=3)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait(timeout=3)
+            self._end(process)
         self._processes.clear()
+        self._bluezoo = None
         shutil.rmtree(self.directory, ignore_errors=True)
+
+    @staticmethod
+    def _end(process: subprocess.Popen) -> None:
+        """SIGTERM, SIGKILL after 3 s, always reaped."""
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=3)
 
     def __enter__(self) -> "BluezooLab":
         return self.start()

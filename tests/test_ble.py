@@ -34,7 +34,7 @@ from sovereign_discovery.ble_payload import (
 )
 from sovereign_discovery.coordinator import LayerStateChanged, PeerDiscovered, PeerDiscoveryCoordinator
 from sovereign_discovery.errors import ArgumentValueError
-from sovereign_discovery.layers import LayerContext, LayerUnavailable
+from sovereign_discovery.layers import LayerContext, LayerUnavailable, ResolvedPeer
 from sovereign_discovery.peer_table import PeerInfo
 from sovereign_discovery.testing import RecordingLayerContext
 
@@ -42,6 +42,7 @@ from .helpers import run_bounded
 from .test_coordinator import eventually
 
 LOCAL = LocalConfig(mdns=False, scan_interval_s=1.0)
+ROTATING = LocalConfig(mdns=False, scan_interval_s=1.0, rotating_token=True, token_rotation_s=60.0)
 
 
 def run(coro, timeout: float = 20.0):
@@ -58,8 +59,8 @@ class RecordingContext(RecordingLayerContext):
     """The shared recording context; a BLE sighting never carries an IP address, so ``seen``
     keeps ``(record, rssi, check_reachable)``, and ``known_peers`` calls are counted."""
 
-    def __init__(self, own: PeerRecord | None = None, known: tuple[PeerRecord, ...] = ()) -> None:
-        super().__init__(own=own, known=known)
+    def __init__(self, own: PeerRecord | None = None, known: tuple[PeerRecord, ...] = (), **kwargs) -> None:
+        super().__init__(own=own, known=known, **kwargs)
         self.known_peers_calls = 0
 
     def peer_seen(self, record, *, address=None, rssi=None, check_reachable=True) -> None:
@@ -221,16 +222,17 @@ def test_a_peer_the_table_knows_is_resolved_without_a_radio_connection():
     run(main())
 
 
-def test_a_stale_table_record_is_replaced_by_the_one_read_over_gatt():
+@pytest.mark.parametrize("source", ["table", "dht"])
+def test_a_stale_record_is_reported_then_replaced_by_the_one_read_over_gatt(source):
     async def main() -> None:
         radio = FakeRadio()
         identity = Identity.generate()
         old, new = make_record(identity, seq=1), make_record(identity, seq=2)
         await advertising_peer(radio, "AA:01", new)
-        context = RecordingContext(known=(old,))
+        context = RecordingContext(known=(old,)) if source == "table" else RecordingContext(dht=(old,))
         b = await scanning_peer(radio, context)
-        await eventually(lambda: any(r.seq == 2 for r, _, _ in context.seen), "the newer record")
-        assert radio.fetches == [("BB:02", "AA:01")] and context.seen[-1][0] == new
+        await eventually(lambda: [r.seq for r, _, _ in context.seen] == [1, 2], "the old, then the new record")
+        assert radio.fetches == [("BB:02", "AA:01")] and b.stats()[f"resolved_from_{source}"] == 1
         assert context.gone == []  # a newer record of the same peer is no loss
         await b.close()
 
@@ -261,7 +263,7 @@ def test_the_advertiser_readvertises_when_its_record_changes():
 def test_rotating_tokens_resolve_from_the_table_and_over_gatt():
     async def main() -> None:
         radio = FakeRadio()
-        config = LocalConfig(mdns=False, scan_interval_s=1.0, rotating_token=True, token_rotation_s=60.0)
+        config = ROTATING
         record = make_record(seq=9)
         await advertising_peer(radio, "AA:01", record, config)
         payload = BlePayload.decode(radio.advertisements["AA:01"])
@@ -286,7 +288,7 @@ def test_nearer_devices_are_read_first():
         far, near = make_record(), make_record()
         context = RecordingContext()
         b = await scanning_peer(radio, context, fetch_burst=1, fetches_per_s=50.0)
-        b._tokens = 0.0  # the next read waits for the bucket: both sightings queue meanwhile
+        b._fetch_bucket.tokens = 0.0  # the next read waits for the bucket: both sightings queue meanwhile
         for address, record, rssi in (("AA:FA", far, -90), ("AA:0E", near, -35)):
             radio.rssi[address] = rssi
             await radio.stack(address).advertiser("hci0").start(
@@ -295,6 +297,111 @@ def test_nearer_devices_are_read_first():
         await eventually(lambda: len(context.seen) == 2, "both reports")
         assert radio.fetches == [("BB:02", "AA:0E"), ("BB:02", "AA:FA")]
         assert [rssi for _, rssi, _ in context.seen] == [-35, -90]
+        await b.close()
+
+    run(main())
+
+
+# --- resolving through the node: other layers' records, the DHT ------------------------------------
+
+
+@pytest.mark.parametrize("source", ["mdns", "dht"])
+def test_a_peer_another_layer_or_the_dht_knows_is_resolved_without_a_radio_connection(source):
+    async def main() -> None:
+        radio = FakeRadio()
+        record = make_record(seq=3)
+        await advertising_peer(radio, "AA:01", record)
+        context = RecordingContext(**{"local" if source == "mdns" else "dht": (record,)})
+        b = await scanning_peer(radio, context)
+        await eventually(lambda: context.seen, "the report")
+        assert context.seen[0][0] == record and radio.fetches == []
+        stats = b.stats()
+        assert stats[f"resolved_from_{source}"] == 1 and stats.get("gatt_reads", 0) == 0
+        assert context.resolves == [(bytes(record.node_id[:16]), False, True)]  # the hash: a prefix
+        for _ in range(20):  # the device's record is held now: the node is not asked again
+            radio.broadcast()
+        assert len(context.resolves) == 1
+        await b.close()
+
+    run(main())
+
+
+def test_a_rotating_token_resolves_through_the_node_only_by_a_key_it_knows():
+    async def main() -> None:
+        radio = FakeRadio()
+        config = ROTATING
+        known, unknown = make_record(), make_record()
+        await advertising_peer(radio, "AA:01", known, config)
+        await advertising_peer(radio, "AA:02", unknown, config)
+        context = RecordingContext(dht=(known,))
+        b = await scanning_peer(radio, context, config=config)
+        await eventually(lambda: len(context.seen) == 2, "both reports")
+        # (the two advertisers read each other too) B read only the key its node did not know
+        assert [f for f in radio.fetches if f[0] == "BB:02"] == [("BB:02", "AA:02")]
+        assert all(by_key for _, by_key, _ in context.resolves)  # a token is matched against keys
+        assert b.stats()["resolved_from_dht"] == 1 and b.stats()["resolve_not_found"] == 1
+        await b.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("failure, counter", [("slow", "resolve_timeout"), ("error", "resolve_failed"),
+                                              ("wrong key", "id_mismatch"), ("not found", "resolve_not_found")])
+def test_a_failed_resolution_falls_through_to_gatt(failure, counter):
+    async def main() -> None:
+        radio = FakeRadio()
+        record = make_record()
+        await advertising_peer(radio, "AA:01", record)
+        context = RecordingContext()
+        if failure == "slow":
+            context.dht, context.dht_delay_s = {bytes(record.node_id): record}, 30.0
+        elif failure == "error":
+            context.dht_error = RuntimeError("a bug in the node")
+        elif failure == "wrong key":
+            other = make_record()
+            original = context.resolve_peer
+
+            async def resolve_peer(peer_id, **kwargs):  # a buggy node: a record of another key
+                await original(peer_id, **kwargs)
+                return ResolvedPeer(other, "dht")
+
+            context.resolve_peer = resolve_peer
+        b = await scanning_peer(radio, context, resolve_timeout_s=0.2)
+        started = time.monotonic()
+        await eventually(lambda: context.seen, "the report after the GATT read")
+        assert time.monotonic() - started < 3.0  # a slow node costs the resolution timeout, no more
+        assert context.seen[0][0] == record and radio.fetches == [("BB:02", "AA:01")]
+        stats = b.stats()
+        assert (stats["dropped"] if counter == "id_mismatch" else stats)[counter] == 1
+        assert stats["gatt_records"] == 1 and stats["resolving"] == 0
+        await b.close()
+
+    run(main())
+
+
+def test_resolutions_are_bounded_in_flight_rate_limited_and_not_repeated():
+    async def main() -> None:
+        radio = FakeRadio()
+        context = RecordingContext(dht_delay_s=0.3)
+        b = await scanning_peer(radio, context, lookup_burst=2, lookups_per_s=0.01, gatt_timeout_s=0.05)
+        for n in range(50):
+            payload = BlePayload(FLAG_GATT, 0, n.to_bytes(16, "big"), 0).encode()
+            radio.emit(BleSighting(f"F1:{n:04x}", -70, payload))
+            assert len(b._resolving) <= 2
+        stats = b.stats()
+        assert stats["resolve_busy"] == 48  # beyond two in flight: straight to GATT
+        await eventually(lambda: b.stats()["resolving"] == 0, "the two resolutions")
+        assert [lookup for _, _, lookup in context.resolves] == [True, True]
+        for n in range(2, 6):  # the lookup bucket is empty now: the node answers from memory only
+            payload = BlePayload(FLAG_GATT, 0, (1000 + n).to_bytes(16, "big"), 0).encode()
+            radio.emit(BleSighting(f"F2:{n:04x}", -70, payload))
+            await eventually(lambda: b.stats()["resolving"] == 0, "the resolution")
+        assert [lookup for _, _, lookup in context.resolves[2:]] == [False] * 4
+        assert b.stats()["resolve_local_only"] == 4
+        asked = len(context.resolves)
+        radio.emit(BleSighting("F3:0000", -70, BlePayload(FLAG_GATT, 0, (1002).to_bytes(16, "big"), 0).encode()))
+        await asyncio.sleep(0.05)
+        assert len(context.resolves) == asked  # the same (peer ID, seq hint) again: not asked again
         await b.close()
 
     run(main())
@@ -371,7 +478,10 @@ def test_malformed_advertisements_are_dropped_counted_and_never_raise():
             radio.emit(BleSighting("EE:01", 999, data))
         radio.emit("not a sighting")  # a backend bug
         radio.emit(BleSighting(None, -50, good))
+        # the well-formed one is unknown: the node is asked (nothing), then it is unresolvable
+        await eventually(lambda: "unresolvable" in b.stats()["dropped"], "the unresolvable drop")
         dropped = b.stats()["dropped"]
+        assert b.stats()["resolve_not_found"] == 1
         assert dropped == {"no_service_data": 1, "payload_short": 2, "payload_long": 1, "payload_version": 1,
                            "unresolvable": 1, "bad_sighting": 2}
         assert context.seen == [] and radio.fetches == []  # no GATT flag: nothing to read
@@ -436,6 +546,85 @@ def test_the_sweep_runs_by_itself():
         await a.close()
         await eventually(lambda: context.gone, "the loss", timeout=3.0)
         await b.close()
+
+    run(main())
+
+
+# --- when BlueZ goes away after start ---------------------------------------------------------------
+
+
+def test_after_bluetoothd_restarts_everything_is_registered_again_and_the_state_reported():
+    async def main() -> None:
+        baseline = len(asyncio.all_tasks())
+        radio = FakeRadio()
+        record = make_record()
+        a_context = RecordingContext(own=record)
+        a = await scanning_peer(radio, a_context, "AA:01")
+        b_context = RecordingContext()
+        b = await scanning_peer(radio, b_context, lost_after_s=0.3)
+        await eventually(lambda: b_context.seen, "B's report of A")
+        radio.stop_bluez("AA:01")
+        await eventually(lambda: a_context.states, "A's state change")
+        reason = "BlueZ stopped (org.bluez left the system D-Bus; start bluetoothd)"
+        assert a_context.states == [("unavailable", reason)] and a.stats()["bluez"] == f"unavailable: {reason}"
+        assert "AA:01" not in radio.advertisements and "AA:01" not in radio.scanners
+        await eventually(lambda: b_context.gone == [bytes(record.node_id)], "B loses A", timeout=5)
+        radio.stacks["AA:01"].adapter = "hci1"  # no adapter configured: the first one is another now
+        radio.start_bluez("AA:01")
+        await eventually(lambda: a_context.states[-1:] == [("running", None)], "A running again")
+        assert a.stats()["adapter"] == "hci1" and a._watched_adapter == "hci1"  # watched anew
+        assert len(radio.stacks["AA:01"].watchers) == 1  # and the old watcher stopped
+        assert radio.advertisements["AA:01"] and radio.records["AA:01"] == record.encode()
+        assert "AA:01" in radio.scanners  # scanning again too
+        await eventually(lambda: len(b_context.seen) == 2, "B sees A again (read over GATT again)")
+        stats = a.stats()
+        assert stats["restarts"] == 1 and stats["bluez_lost"] == 1 and stats["bluez_back"] == 1
+        assert stats["bluez"] == "available" and stats.get("internal_errors", 0) == 0
+        await a.close()
+        await b.close()
+        assert len(asyncio.all_tasks()) == baseline  # nothing left running
+
+    run(main())
+
+
+def test_while_bluez_stays_away_restarts_back_off_and_succeed_when_it_returns(monkeypatch):
+    import sovereign_discovery.ble as ble
+
+    monkeypatch.setattr(ble, "RECOVER_FIRST_S", 0.05)
+    monkeypatch.setattr(ble, "RECOVER_MAX_S", 0.4)
+
+    async def main() -> None:
+        radio = FakeRadio()
+        context = RecordingContext(own=make_record())
+        layer = await scanning_peer(radio, context, "AA:01")
+        radio.stop_bluez("AA:01")
+        await asyncio.sleep(1.5)
+        attempts = layer.stats()["restart_attempts"]
+        # 0.05, 0.1, 0.2, then every 0.4 s (±20 %): about 6 in 1.5 s, never a busy loop
+        assert 3 <= attempts <= 9 and layer.stats()["restart_failed"] == attempts
+        assert context.states == [("unavailable", "BlueZ stopped (org.bluez left the system D-Bus;"
+                                                  " start bluetoothd)")]  # reported once
+        radio.stacks["AA:01"].unavailable = None  # BlueZ is back, but no signal says so
+        await eventually(lambda: context.states[-1] == ("running", None), "running after a retry", timeout=3)
+        assert "AA:01" in radio.advertisements
+        await layer.close()
+
+    run(main())
+
+
+def test_an_advertisement_bluez_releases_is_registered_again():
+    async def main() -> None:
+        radio = FakeRadio()
+        context = RecordingContext(own=make_record())
+        layer = await scanning_peer(radio, context, "AA:01")
+        payload = radio.advertisements["AA:01"]
+        radio.release_advertisement("AA:01")
+        assert "AA:01" not in radio.advertisements
+        await eventually(lambda: radio.advertisements.get("AA:01") == payload, "the advertisement again")
+        stats = layer.stats()
+        assert stats["advertisement_released"] == 1 and stats["readvertised"] == 1
+        assert context.states == []  # BlueZ itself is fine: no state change
+        await layer.close()
 
     run(main())
 
@@ -560,5 +749,97 @@ def test_an_unavailable_ble_layer_leaves_the_coordinator_running():
             await eventually(lambda: any(isinstance(e, LayerStateChanged) for e in events), "the report")
             assert node.stats()["layers"]["ble"] == {"state": "unavailable", "reason": "no Bluetooth adapter"}
             assert node.health()["ok"]
+
+    run(main())
+
+
+def identities_with_a_peer_outside_the_table() -> tuple[Identity, Identity, Identity]:
+    """X (a bootstrap node), A and B such that X and A share their first ID bit and B has the
+    other one: with k = 1, B's bucket for that half holds X, so A stays out of B's routing table
+    (and so out of its peer table) and B can reach A only by a lookup."""
+    x = Identity.generate()
+    bit = x.node_id[0] >> 7
+    same = [i for i in (Identity.generate() for _ in range(64)) if i.node_id[0] >> 7 == bit]
+    other = [i for i in (Identity.generate() for _ in range(64)) if i.node_id[0] >> 7 != bit]
+    return x, same[0], other[0]
+
+
+def test_the_coordinator_resolves_a_short_id_from_its_table_other_layers_and_the_dht():
+    async def main() -> None:
+        from sovereign_discovery import BootstrapConfig, Config, DhtSettings
+        from sovereign_discovery.aio import DhtNode
+        from sovereign_discovery.coordinator import _Context
+
+        x_identity, a_identity, b_identity = identities_with_a_peer_outside_the_table()
+        async with DhtNode(x_identity) as x, DhtNode(a_identity) as a:
+            await a.bootstrap([x.contact])
+            await a.announce()
+            config = Config(local=LocalConfig(mdns=False, bluetooth=False), dht=DhtSettings(k=1),
+                            bootstrap=BootstrapConfig(peers=(x.contact.pinned,), timeout_s=2.0, retries=0))
+            async with PeerDiscoveryCoordinator(b_identity, config=config, cache=None) as b:
+                assert await b.joined(10)
+                assert a.node_id not in b.node.engine.table and b.peer(a.node_id) is None  # the setup
+                ble, mdns = _Context(b, "ble"), _Context(b, "mdns")
+                token = rotating_token(a.identity.public_key, 7)
+
+                def knows_a(public_key: bytes) -> bool:
+                    return rotating_token(public_key, 7) == token
+
+                # a token cannot be looked up: A's key is not known yet
+                assert await ble.resolve_peer(token, key_matches=knows_a, deadline_s=5) is None
+                # memory only: nothing
+                assert await ble.resolve_peer(bytes(a.node_id[:16]), lookup=False, deadline_s=5) is None
+                # the hash is a prefix of A's ID: a FIND_NODE towards it finds A, which hands over its record
+                found = await ble.resolve_peer(bytes(a.node_id[:16]), deadline_s=5)
+                assert found is not None and found.source == "dht" and found.record == a.record
+                assert a.node_id not in b.node.engine.table  # (still outside: a lookup, not the table)
+                lookups = b.stats()["lookups"]
+                assert lookups["resolve_dht"] == 1 and lookups["resolve_lookups"] == 1
+                assert lookups["resolve_not_found"] == 2
+
+                # a record another local layer verified (its PING not answered: no such address)
+                c = make_record(addresses=[Address("127.0.0.1", 9)])
+                mdns.peer_seen(c, address=Address("127.0.0.1", 9))
+                found = await ble.resolve_peer(bytes(c.node_id[:16]), lookup=False, deadline_s=5)
+                assert found is not None and found.source == "mdns" and found.record == c
+                assert await mdns.resolve_peer(bytes(c.node_id[:16]), lookup=False, deadline_s=5) is None
+
+                # in the peer table now (a lookup by the user): the token matches its known key
+                assert await b.find_peer(a.node_id, deadline_s=5) is not None
+                found = await ble.resolve_peer(token, key_matches=knows_a, deadline_s=5)
+                assert found is not None and found.source == "table" and found.record.public_key == a.identity.public_key
+
+                # what a layer passes wrongly is counted, never raised
+                for bad in ("text", b"", bytes(21)):
+                    assert await ble.resolve_peer(bad, deadline_s=5) is None
+                assert await ble.resolve_peer(b"\x01", key_matches="not callable", deadline_s=5) is None
+                assert await ble.resolve_peer(b"\x01", deadline_s=-1) is None
+                assert b.stats()["lookups"]["resolve_bad_request"] == 5
+
+    run(main(), 40)
+
+
+def test_a_layer_reports_its_own_state_changes_through_the_coordinator():
+    async def main() -> None:
+        from sovereign_discovery import BootstrapConfig, Config
+
+        config = Config(local=LocalConfig(mdns=False), bootstrap=BootstrapConfig(peers=()))
+        radio = FakeRadio()
+        layer = BleLayer(config.local, stack=radio.stack("AA:01"))
+        events: list = []
+        async with PeerDiscoveryCoordinator(Identity.generate(), config=config, local_layers=[layer],
+                                            cache=None, on_event=events.append) as node:
+            await eventually(lambda: node.stats()["layers"]["ble"]["state"] == "running", "the layer running")
+            context = layer._context
+            context.layer_state("unavailable", "BlueZ stopped")
+            context.layer_state("unavailable", "BlueZ stopped")  # the same state again: no new event
+            entry = node.stats()["layers"]["ble"]
+            assert entry["state"] == "unavailable" and entry["reason"] == "BlueZ stopped"
+            assert "sightings" in entry or "tracked_devices" in entry  # the layer's counters stay visible
+            context.layer_state("running")
+            context.layer_state("sleeping")  # not a state: counted, ignored
+            changes = [(e.state, e.reason) for e in events if isinstance(e, LayerStateChanged)]
+            assert changes == [("running", None), ("unavailable", "BlueZ stopped"), ("running", None)]
+            assert node.stats()["checks"]["bad_layer_state"] == 1
 
     run(main())

@@ -200,6 +200,43 @@ def test_the_address_chosen_is_signed_or_seen_and_never_an_unscoped_link_local()
     assert choose_address(("10.0.0.3",), 0, record) is None
 
 
+def test_a_link_local_address_in_a_record_is_used_only_with_the_zone_it_was_seen_with():
+    """A record's addresses carry no zone (it means nothing on another machine), so a signed
+    fe80:: address is only usable with the interface mDNS saw it on."""
+    identity = Identity.generate()
+    record = PeerRecord.create(identity, addresses=[Address("fe80::5", 4005), Address("2001:db8::9", 4009)],
+                               seq=1, expires_at=int(time.time()) + 600)
+    assert choose_address(("fe80::5%3",), 5555, record) == Address("fe80::5%3", 4005)  # scoped, signed port
+    assert choose_address(("fe80::5",), 5555, record) is None  # neither side knows the link
+    assert choose_address(("fe80::5", "10.0.0.3"), 5555, record) == Address("10.0.0.3", 5555)
+    assert choose_address(("fe80::6%3",), 5555, record) == Address("fe80::6%3", 5555)  # seen, not signed
+    assert choose_address(("2001:db8::9", "fe80::5%3"), 5555, record) == Address("2001:db8::9", 4009)
+    only_link_local = PeerRecord.create(identity, addresses=[Address("fe80::5", 4005)], seq=2,
+                                        expires_at=int(time.time()) + 600)
+    assert choose_address((), 5555, only_link_local) is None
+
+
+def test_the_coordinator_never_pings_an_unscoped_link_local_address():
+    """A peer whose only address is an unscoped fe80:: (in its record, with nothing seen) cannot be
+    reached: the sighting is refused at once, without a PING sent into an unknown link."""
+    from sovereign_discovery.coordinator import PeerDiscoveryCoordinator, _Context
+
+    no_network = Config(local=LocalConfig(mdns=False, bluetooth=False), bootstrap=BootstrapConfig(enabled=False))
+
+    async def main() -> None:
+        record = PeerRecord.create(Identity.generate(), addresses=[Address("fe80::5", 4005)], seq=1,
+                                   expires_at=int(time.time()) + 600)
+        async with PeerDiscoveryCoordinator(Identity.generate(), config=no_network, cache=None) as node:
+            before = node.node.stats()["messages_out"]["ping"]
+            _Context(node, "mdns").peer_seen(record)
+            await eventually(lambda: node.stats()["checks"].get("unreachable"), "the refusal", timeout=1.5)
+            checks = node.stats()["checks"]
+            assert checks["link_local_skipped"] == 1 and node.peer(record.node_id) is None
+            assert node.node.stats()["messages_out"]["ping"] == before
+
+    run(main())
+
+
 # --- the layer on the in-memory transport --------------------------------------------------------------
 
 

@@ -1,6 +1,7 @@
 """The mDNS layer between separate processes on real python-zeroconf: on the host's 127.0.0.1
 (no privilege needed), and across a veth pair between two network namespaces created for the
-test (root only; skipped with the reason otherwise, and the namespaces are deleted afterwards).
+test (root only; skipped with the reason otherwise, and the namespaces are deleted afterwards),
+over IPv4 and over IPv6 alone (unique local addresses: mDNS on ff02::fb, the DHT's PING over IPv6).
 Each runs one round of ``benchmarks/mdns_latency.py`` (an observer process, two peers started
 cold, a late observer, a goodbye and a crash) and checks what happened. The bounds asserted are
 generous correctness bounds — a goodbye or a crash noticed in seconds, not at the records' TTL of
@@ -58,13 +59,18 @@ def test_processes_on_loopback_discover_each_other_and_notice_goodbyes_and_crash
     check_round(result)
 
 
-def test_processes_in_two_namespaces_over_a_veth_pair():
+@pytest.mark.parametrize("mode, name, prefix", [("netns", "netns-veth", "169.254.77."),
+                                                 ("netns6", "netns-veth-ipv6", "[fd5d:77::")])
+def test_processes_in_two_namespaces_over_a_veth_pair(mode, name, prefix):
     problem = netns_problem()
     if problem:
         pytest.skip(f"no veth lab: {problem}")
-    result = one_round("netns")
-    assert result["mode"] == "netns-veth"
+    result = one_round(mode)
+    assert result["mode"] == name
     check_round(result)
+    # the observer reached both peers (verified record, authenticated PING answered) on this link
+    assert len(result["seen_at"]) == 2 and all(a.startswith(prefix) for a in result["seen_at"]), result["seen_at"]
+    assert result["observer_checks"]["pings"] >= 2
     leftover = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=10).stdout
     assert "sdmA" not in leftover and "sdmB" not in leftover
 
