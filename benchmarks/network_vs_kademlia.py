@@ -115,6 +115,7 @@ from udp_requests import (  # noqa: E402
 )
 
 from sovereign_discovery import keys  # noqa: E402
+from sovereign_discovery.config import BootstrapConfig  # noqa: E402
 from sovereign_discovery.identity import Identity  # noqa: E402
 
 SCRIPT = Path(__file__).resolve()
@@ -131,6 +132,8 @@ PHASE_FLOOR_S = 120.0
 SLACK_S = 30.0
 #: A worker is idle when nothing runs; the parent confirms with a second round.
 IDLE_POLL_S = 0.1
+#: Retries of a failed join and their backoff: the library's bootstrap-layer defaults.
+BOOTSTRAP = BootstrapConfig()
 #: Seconds the parent watches the idle network's CPU before the lookups.
 IDLE_SAMPLE_S = 2.0
 #: Byte length of the filler value kademlia stores when our phase did not run (about a record's).
@@ -429,11 +432,30 @@ async def worker(impl: str, config: dict[str, Any]) -> None:
         if op == "join":
             joiners = [i for i in indices if i != 0]
             started = time.perf_counter()
-            results = await _bounded(int(command["concurrency"]), joiners,
-                                     lambda i: network.join(i, command["contact"]))
+            attempts: dict[int, list[str]] = {}  # node -> what each failed attempt gave
+            rng = random.Random(indices[0])
+
+            async def join(i: int) -> bool:
+                # As the library's bootstrap layer does (BootstrapConfig's retries and backoff:
+                # 5 retries after 1, 2, 4, 8, 16 s, less up to half), a failed join is tried
+                # again, on both sides.
+                for attempt in range(BOOTSTRAP.retries + 1):
+                    if attempt:
+                        await asyncio.sleep(BOOTSTRAP.backoff_delay(attempt, rng))
+                    try:
+                        if await network.join(i, command["contact"]):
+                            return True
+                        attempts.setdefault(i, []).append("empty_table")
+                    except Exception as exc:
+                        attempts.setdefault(i, []).append(type(exc).__name__)
+                return False
+
+            results = await _bounded(int(command["concurrency"]), joiners, join)
             reply.update(joined=sum(r is True for r in results),
-                         failed=sorted({str(r) for r in results if r is not True}),
                          failures=sum(r is not True for r in results),
+                         first_attempt_failures=len(attempts),
+                         retries=sum(len(a) for a in attempts.values()),
+                         errors=_count(e for a in attempts.values() for e in a),
                          wall_s=time.perf_counter() - started)
         elif op == "announce":
             started = time.perf_counter()
@@ -601,7 +623,11 @@ class Phase:
             out["join_cpu_s"] = round(self._cpu_total() - cpu0, 2)
             out["joined"] = sum(j["joined"] for j in joins)
             out["join_failures"] = sum(j["failures"] for j in joins)
-            out["join_errors"] = sorted({e for j in joins for e in j["failed"]})
+            out["join_first_attempt_failures"] = sum(j["first_attempt_failures"] for j in joins)
+            out["join_retries"] = sum(j["retries"] for j in joins)
+            out["join_errors"] = {}
+            for j in joins:
+                _add(out["join_errors"], j["errors"])
             out["join_idle"] = settled["idle"]
             self._say(f"joined {out['joined']}/{self.nodes - 1} in {out['join_s']} s"
                       f" (bootstrap calls {out['bootstrap_calls_s']} s); announcing")
