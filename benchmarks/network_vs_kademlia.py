@@ -23,10 +23,14 @@ with ``subprocess`` and coordinated over pipes, one JSON object per line, as
    limit to the hard limit (one socket per node).
 2. **Join** (``join_s``): every node but node 0 joins through node 0 (ours: ``bootstrap`` with
    node 0's pinned contact; theirs: ``bootstrap([(host, port)])``), at most
-   ``--join-concurrency`` joins at a time per worker, all workers at once. The join time of the
-   whole network runs from the join command until every worker is idle (no lookup running and no
-   request awaiting an answer in any of its nodes, confirmed by a second round): ours keeps
-   refreshing buckets after ``bootstrap`` returns (Kademlia §2.3), and that is part of its join.
+   ``--join-concurrency`` joins at a time per worker, all workers at once. A failed join is
+   retried as the library's bootstrap layer retries (``BootstrapConfig``: 5 retries, exponential
+   backoff with jitter), on both sides (``join_first_attempt_failures``, ``join_retries``). The
+   join time of the whole network runs from the join command until every worker is idle (no
+   lookup running and no request awaiting an answer in any of its nodes, confirmed by a second
+   round): ours keeps refreshing buckets after ``bootstrap`` returns (Kademlia §2.3), and that is
+   part of its join. Joins, announces and the waits for idleness are bounded in time (``120 s +
+   0.5 s × N`` each); what did not finish is counted, and a network still busy is noted.
 3. **Announce** (``announce_s``): every node publishes. Ours: ``announce()``, its signed record
    STOREd at the k closest of its own ID. Theirs: ``set(node_id, value)``, a value under a key
    derived from the node (kademlia stores it at the k closest of SHA-1(node ID)); the value is the
@@ -383,16 +387,17 @@ def _add(total: dict[str, int], counts: dict[str, int]) -> None:
             total[key] = total.get(key, 0) + count
 
 
-async def _bounded(concurrency: int, items: list[int], work) -> list[Any]:
-    """``work(item)`` for every item, at most ``concurrency`` at a time; results in order (an
-    exception is returned as its type name)."""
+async def _bounded(concurrency: int, items: list[int], work, timeout_s: float) -> list[Any]:
+    """``work(item)`` for every item, at most ``concurrency`` at a time, all within ``timeout_s``;
+    results in order (an exception, a timeout included, is returned as its type name)."""
     semaphore = asyncio.Semaphore(concurrency)
+    deadline = time.monotonic() + timeout_s
 
     async def one(item: int) -> Any:
         async with semaphore:
             try:
-                return await work(item)
-            except Exception as exc:  # a failed join or announce is counted, not fatal
+                return await asyncio.wait_for(work(item), max(0.0, deadline - time.monotonic()))
+            except Exception as exc:  # a failed or unfinished join or announce is counted
                 return type(exc).__name__
 
     return await asyncio.gather(*(one(item) for item in items))
@@ -450,7 +455,8 @@ async def worker(impl: str, config: dict[str, Any]) -> None:
                         attempts.setdefault(i, []).append(type(exc).__name__)
                 return False
 
-            results = await _bounded(int(command["concurrency"]), joiners, join)
+            results = await _bounded(int(command["concurrency"]), joiners, join,
+                                     float(command["timeout_s"]))
             reply.update(joined=sum(r is True for r in results),
                          failures=sum(r is not True for r in results),
                          first_attempt_failures=len(attempts),
@@ -459,8 +465,10 @@ async def worker(impl: str, config: dict[str, Any]) -> None:
                          wall_s=time.perf_counter() - started)
         elif op == "announce":
             started = time.perf_counter()
-            results = await _bounded(int(command["concurrency"]), indices, network.announce)
+            results = await _bounded(int(command["concurrency"]), indices, network.announce,
+                                     float(command["timeout_s"]))
             stored = [r for r in results if isinstance(r, int)]
+            reply["errors"] = _count(r for r in results if isinstance(r, str))
             reply.update(stored=stored, failures=sum(not isinstance(r, int) or r == 0
                                                     for r in results),
                          wall_s=time.perf_counter() - started)
@@ -615,7 +623,7 @@ class Phase:
             self._say(f"{self.nodes} nodes started in {out['start_s']} s; joining")
 
             cpu0, t0 = self._cpu_total(), time.perf_counter()
-            joins = self._all({"op": "join", "contact": contacts[0],
+            joins = self._all({"op": "join", "contact": contacts[0], "timeout_s": phase_s,
                                "concurrency": args.join_concurrency}, phase_s + SLACK_S)
             out["bootstrap_calls_s"] = round(time.perf_counter() - t0, 2)
             settled = self._idle(phase_s)
@@ -633,13 +641,16 @@ class Phase:
                       f" (bootstrap calls {out['bootstrap_calls_s']} s); announcing")
 
             cpu0, t0 = self._cpu_total(), time.perf_counter()
-            announced = self._all({"op": "announce", "concurrency": args.join_concurrency},
-                                  phase_s + SLACK_S)
+            announced = self._all({"op": "announce", "concurrency": args.join_concurrency,
+                                   "timeout_s": phase_s}, phase_s + SLACK_S)
             settled = self._idle(phase_s)
             out["announce_s"] = round(time.perf_counter() - t0, 2)
             out["announce_cpu_s"] = round(self._cpu_total() - cpu0, 2)
             stored = [s for a in announced for s in a["stored"]]
             out["announce_failures"] = sum(a["failures"] for a in announced)
+            out["announce_errors"] = {}
+            for a in announced:
+                _add(out["announce_errors"], a["errors"])
             out["announce_median_stored_at" if self.impl == "ours"
                 else "announce_median_rpcs"] = statistics.median(stored) if stored else None
             out["announce_idle"] = settled["idle"]
@@ -903,6 +914,7 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     rows = sorted(rows, key=lambda r: r["nodes"])
     sizes = [r["nodes"] for r in rows]
@@ -918,16 +930,18 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
         if any(v is not None for v in memory):
             right.plot(sizes, [None if v is None else v / 1024 for v in memory], marker="o",
                        color=color, label=label)
-    left.set_ylabel("lookup latency, ms")
+    left.set_ylabel("lookup latency, ms (log scale)")
+    left.set_yscale("log")
     right.set_ylabel("memory per node, KiB (RSS delta)")
+    right.set_ylim(bottom=0)
     for axis, title in ((left, "record lookup latency, real UDP on 127.0.0.1"),
                         (right, "memory per node")):
         axis.set_xscale("log")
         axis.set_xticks(sizes, [str(s) for s in sizes])
+        axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         axis.set_xlabel("nodes")
         axis.set_title(title, fontsize=10)
         axis.grid(True, which="both", alpha=0.3)
-        axis.set_ylim(bottom=0)
         axis.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
