@@ -235,12 +235,6 @@ class OursNetwork:
             error = "not_found"
         elif record is not None and not ok:
             error = "different_record"
-            if os.environ.get("NETBENCH_DEBUG"):
-                from sovereign_discovery.records import PeerRecord
-                want = PeerRecord.decode(expected, now=time.time())
-                with open(os.environ["NETBENCH_DEBUG"], "a") as log:
-                    print(f"lookup {index}->{target.hex()[:8]}: got {record!r}, want {want!r}",
-                          file=log)
         return {"ok": ok, "found": record is not None, "ms": elapsed * 1000,
                 "requests": finished.requests if finished is not None else None,
                 "rounds": finished.rounds if finished is not None else None,
