@@ -845,10 +845,10 @@ class Child:
     """A child process speaking JSON lines; stderr goes to a temporary file (shown on failure)."""
 
     def __init__(self, name: str, argv: list[str], children: list["Child"],
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, script: Path = SCRIPT) -> None:
         self.name = name
         self.stderr = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen([sys.executable, str(SCRIPT), *argv], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, str(script), *argv], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self.stderr, cwd=_ROOT, env=env)
         children.append(self)
         self._fd = self.proc.stdout.fileno()
