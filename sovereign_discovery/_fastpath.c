@@ -313,8 +313,7 @@ typedef struct {
     Cipher *cipher;
     PyObject *peer;        /* its Contact */
     PyObject *address;     /* peer.address */
-    PyObject *observed;    /* peer.address.encode(): PONG's observed address */
-    PyObject *destination; /* peer.address.to_tuple(): for datagrams left to Python's send queue */
+    PyObject *observed;    /* peer.address.encode() (the Address's cached bytes): PONG's observed */
     double created;
     double entered_at;     /* when the routing table was last told about the peer */
 } Entry;
@@ -327,7 +326,6 @@ Entry_dealloc(Entry *self)
     Py_XDECREF(self->peer);
     Py_XDECREF(self->address);
     Py_XDECREF(self->observed);
-    Py_XDECREF(self->destination);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -504,12 +502,12 @@ static PyObject *
 Responder_add(Responder *self, PyObject *args, PyObject *kwds)
 {
     static char *names[] = {"key", "session", "cipher", "peer", "address", "observed",
-                            "destination", "created", NULL};
-    PyObject *key, *session, *cipher, *peer, *address, *observed, *destination;
+                            "created", NULL};
+    PyObject *key, *session, *cipher, *peer, *address, *observed;
     double created;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "SOO!OOSOd:add", names, &key, &session,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "SOO!OOSd:add", names, &key, &session,
                                      &Cipher_Type, &cipher, &peer, &address, &observed,
-                                     &destination, &created))
+                                     &created))
         return NULL;
     Py_ssize_t n = PyBytes_GET_SIZE(key);
     if (n != ID_BYTES + 4 + 2 && n != ID_BYTES + 16 + 2) {
@@ -524,7 +522,6 @@ Responder_add(Responder *self, PyObject *args, PyObject *kwds)
     entry->peer = Py_NewRef(peer);
     entry->address = Py_NewRef(address);
     entry->observed = Py_NewRef(observed);
-    entry->destination = Py_NewRef(destination);
     entry->created = created;
     entry->entered_at = -1e300;
     int r = PyDict_SetItem(self->index, key, (PyObject *)entry);
@@ -911,7 +908,7 @@ Responder_serve_batch(Responder *self, PyObject *args)
     }
     for (int o = sent; o < nout; o++) {
         PyObject *item = Py_BuildValue(
-            "(Oy#)", b->out_entry[o]->destination, (const char *)b->out[o],
+            "(Oy#)", b->out_entry[o]->address, (const char *)b->out[o],
             (Py_ssize_t)b->out_len[o]);
         if (item == NULL || PyList_Append(unsent, item) < 0) {
             Py_XDECREF(item);
@@ -932,7 +929,7 @@ done:
 
 static PyMethodDef Responder_methods[] = {
     {"add", (PyCFunction)(void (*)(void))Responder_add, METH_VARARGS | METH_KEYWORDS,
-     "add(key, session, cipher, peer, address, observed, destination, created): index a session"},
+     "add(key, session, cipher, peer, address, observed, created): index a session"},
     {"remove", (PyCFunction)Responder_remove, METH_O, "remove(key): forget a session if indexed"},
     {"counters", (PyCFunction)Responder_counters, METH_NOARGS, "what the responder did, by name"},
     {"indexed", (PyCFunction)Responder_len, METH_NOARGS, "how many sessions are indexed"},

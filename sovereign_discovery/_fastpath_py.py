@@ -122,7 +122,7 @@ class Cipher:
 
 
 class _Entry:
-    __slots__ = ("session", "cipher", "peer", "address", "observed", "destination", "created",
+    __slots__ = ("session", "cipher", "peer", "address", "observed", "created",
                  "entered_at")
 
 
@@ -158,7 +158,7 @@ class Responder:
         self._counters = dict.fromkeys(COUNTER_NAMES, 0)
 
     def add(self, key: bytes, session, cipher: Cipher, peer, address, observed: bytes,
-            destination: tuple, created: float) -> None:
+            created: float) -> None:
         """Index a session: ``key`` is node ID || IP || port (:func:`index_key`)."""
         if not isinstance(key, bytes) or not isinstance(observed, bytes):
             raise TypeError("key and observed must be bytes")
@@ -168,7 +168,7 @@ class Responder:
             raise ValueError("key must be node ID || IPv4 or IPv6 address || port")
         entry = _Entry()
         entry.session, entry.cipher, entry.peer, entry.address = session, cipher, peer, address
-        entry.observed, entry.destination = observed, destination
+        entry.observed = observed
         entry.created, entry.entered_at = float(created), -1e300
         self._index[key] = entry
 
@@ -185,7 +185,7 @@ class Responder:
                     send: bool) -> tuple[list, list, tuple]:
         """Read up to ``max_batch`` datagrams; answer what this path can; return ``(items,
         unsent, udp_counts)``: the rest in arrival order, the answers left for the send queue as
-        ``(destination, datagram)``, and ``(datagrams_in, bytes_in, oversize, receive_errors,
+        ``(address, datagram)`` (the session's Address), and ``(datagrams_in, bytes_in, oversize, receive_errors,
         datagrams_out, bytes_out, send_errors)``."""
         if not 1 <= max_batch <= MAX_BATCH or not 1 <= max_bytes <= _MAX_PACKET:
             raise ValueError(f"max_batch must be 1..{MAX_BATCH} and max_bytes 1..{_MAX_PACKET}")
@@ -201,7 +201,7 @@ class Responder:
                     break
                 receive_errors += 1
         items: list = []
-        answers: list[tuple[tuple, tuple, bytes]] = []  # (source, destination, packet)
+        answers: list[tuple[tuple, object, bytes]] = []  # (source, the session's Address, packet)
         for data, source in received:
             if len(data) > max_bytes:
                 oversize += 1
@@ -227,7 +227,7 @@ class Responder:
                 datagrams_out += 1
                 bytes_out += len(packet)
             sent += 1
-        unsent = [(destination, packet) for _, destination, packet in answers[sent:]]
+        unsent = [(address, packet) for _, address, packet in answers[sent:]]
         return items, unsent, (datagrams_in, bytes_in, oversize, receive_errors, datagrams_out,
                                bytes_out, send_errors)
 
@@ -282,7 +282,7 @@ class Responder:
             return True
         session.last_message = reply
         packet = cipher._seal(self._own_id, reply)
-        answers.append((source, entry.destination, packet))
+        answers.append((source, entry.address, packet))
         c["ping_in" if ping else "find_node_in"] += 1
         c["pong_out" if ping else "nodes_out"] += 1
         c["packets_out"] += 1

@@ -793,7 +793,7 @@ class SessionLayer:
         if session.confirmed and session.alternate is None:
             peer = session.peer
             responder.add(fast_key, session, session.cipher, peer, peer.address, peer.address.encode(),
-                          peer.address.to_tuple(), session.created)
+                          session.created)
         else:
             responder.remove(fast_key)
 

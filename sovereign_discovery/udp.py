@@ -215,8 +215,8 @@ class UdpEndpoint:
             if count:
                 stats[key] += count - 1
                 self._count(key, message)
-        for destination, data in unsent:  # the socket would block: after what already waits
-            self._enqueue(destination, data)
+        for address, data in unsent:  # the socket would block: after what already waits
+            self._enqueue(self._destination(address), data)
         for kind, first, second in items:
             if kind == 0:  # a datagram the fast path left untouched
                 self._handle(handler, first, second)
@@ -261,15 +261,19 @@ class UdpEndpoint:
             raise ArgumentTypeError(f"data must be bytes, not {type(data).__name__}")
         if len(data) > self._max_bytes:
             raise ArgumentValueError(f"datagram of {len(data)} bytes exceeds {self._max_bytes}")
+        destination = self._destination(address)
+        if self._queue:  # keep order behind datagrams already waiting
+            return self._enqueue(destination, bytes(data))
+        return self._send_now(destination, data)
+
+    def _destination(self, address: Address) -> tuple:
         destination = self._destinations.get(address)
         if destination is None:
             destination = address.to_tuple()  # an IPv6 zone, if any, rides in the host string
             if len(self._destinations) >= _MAX_SOURCES:
                 self._destinations.clear()
             self._destinations[address] = destination
-        if self._queue:  # keep order behind datagrams already waiting
-            return self._enqueue(destination, bytes(data))
-        return self._send_now(destination, data)
+        return destination
 
     def _send_now(self, destination: tuple, data: bytes | bytearray | memoryview) -> bool:
         assert self._sock is not None

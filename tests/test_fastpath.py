@@ -199,7 +199,7 @@ class Rig:
         self.session = SimpleNamespace(last_used=0.0, touched=False, last_message=b"")
         self.key = index_key(PEER_ID, self.address)
         self.responder.add(self.key, self.session, self.cipher, self.peer, self.address,
-                           self.address.encode(), self.address.to_tuple(), 0.0)
+                           self.address.encode(), 0.0)
 
     def close(self) -> None:
         self.server.close()
@@ -350,7 +350,7 @@ def test_an_expired_session_and_a_full_socket_are_left_to_python(fp):
         rig.send(rig.request(encode_message(Ping(b"P" * 8, 0))))
         items, unsent, counts = rig.serve(send=False)  # the endpoint's queue is not empty
         assert items == [] and counts[4] == 0
-        assert [d for d, _ in unsent] == [rig.address.to_tuple()]
+        assert [a for a, _ in unsent] == [rig.address]
         assert decode_message(rig.client_cipher.open(unsent[0][1])).request_id == b"P" * 8
     finally:
         rig.close()
