@@ -1106,6 +1106,12 @@ class DhtEngine:
                 if query.best is None or record.seq > query.best.seq:
                     query.best = record
                 lookup.on_success(contact.node_id, (), now)
+                if contact.node_id == query.target:
+                    # The owner signs every seq of its record and answers with its newest: nothing
+                    # newer can be found elsewhere, so the lookup halts here (Kademlia §2.3 halts
+                    # FIND_VALUE at the first value; for mutable values only the owner's copy is
+                    # known to be the newest, cf. BEP 44's highest-seq rule).
+                    lookup.finish()
         else:  # PROVIDERS
             for part in parts:
                 for raw in part.records:

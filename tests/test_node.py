@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import random
+import statistics
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -471,10 +472,16 @@ def test_simulated_find_record():
         i, j = rng.sample(range(N_NODES), 2)
         queries.append((i, j, swarm.call(i, lambda e, now, j=j: e.find_record(swarm.engines[j].node_id, now))))
     swarm.run(15.0)
+    requests = []
     for i, j, q in queries:
         found = swarm.result(i, q, RecordFound)
         assert found is not None and found.record is not None, (i, j)
         assert found.record.encoded == swarm.engines[j].own_record.encoded
+        finished = swarm.result(i, q, LookupFinished)
+        requests.append(finished.requests)
+    # the owner's answer ends a lookup: most do not go on to the k closest (20 requests at least)
+    print("requests per record lookup:", sorted(requests))
+    assert statistics.median(requests) < 12, sorted(requests)
 
 
 def test_simulated_find_node_returns_the_true_k_closest():
