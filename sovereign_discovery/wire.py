@@ -545,9 +545,11 @@ def _decode_nodes(data: bytes, n: int) -> Nodes:
         # The address kind says the contact's length: 0x04 -> 7 address bytes, 0x06 -> 19.
         kind = data[key_end]
         end = key_end + (7 if kind == 0x04 else 19)
-        contact = cache.get(data[offset:end]) if kind in (0x04, 0x06) and end <= n else None
-        if contact is None and _interned:
-            contact = _interned.get(data[offset:end])
+        contact = None
+        if kind in (0x04, 0x06) and end <= n:
+            raw = data[offset:end]
+            # A simulation interns every contact: one lookup there; a real node's is empty.
+            contact = (_interned.get(raw) if _interned else None) or cache.get(raw)
         if contact is None:
             try:
                 address, end = decode_address(data, key_end)
