@@ -31,8 +31,9 @@ the next one's figures):
 2. **Network formation** (``--join``, ``auto`` = ``protocol`` up to ``--protocol-join-max`` nodes,
    ``global`` above). ``protocol``: node 0 starts alone; node ``i`` joins with the engine's own
    ``bootstrap`` through a random node already started (PING and FIND_NODE to it, the self-lookup,
-   then a refresh of every bucket farther than the nearest neighbour, Kademlia §2.3), one join
-   every ``--join-interval`` virtual seconds (joins overlap); then every node announces its record
+   then the refresh of at most ``DhtConfig.join_refresh_buckets`` (1) of the buckets farther than
+   the nearest neighbour, the farthest not full; docs/engine.md, "Upkeep"), one join every
+   ``--join-interval`` virtual seconds (joins overlap); then every node announces its record
    with ``announce_record`` (lookup of its own ID, STORE at the k closest). ``joined_by_protocol``
    is true. ``global``: routing tables are filled from a global view (the sorted IDs: for each
    prefix length, up to k random nodes sharing exactly that many leading bits, inserted with
@@ -430,21 +431,23 @@ def measure_size(size: int, args: argparse.Namespace, emit=None) -> list[dict[st
     rng = random.Random(args.seed * 1_000_003 + size)
     join = args.join if args.join != "auto" else ("protocol" if size <= args.protocol_join_max else "global")
     rss_before = rss_bytes()
+    load_before = _load_average()
     started = time.perf_counter()
     config = CONFIG if args.engine_caps == "default" else replace(CONFIG, **LEAN_CAPS)
     sim = make_sim(size, args.seed, args.sessions, config)
     build_s = time.perf_counter() - started
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     if join == "protocol":
         joined = join_by_protocol(sim, rng, args.join_interval, show)
-        join_s = time.perf_counter() - started
-        started = time.perf_counter()
+        join_s, join_cpu = time.perf_counter() - started, time.process_time() - cpu
+        started, cpu = time.perf_counter(), time.process_time()
         announced = announce_by_protocol(sim, args.join_interval, show)
-        announce_s = time.perf_counter() - started
+        announce_s, announce_cpu = time.perf_counter() - started, time.process_time() - cpu
     else:
         fill_from_global_view(sim, rng, show)
         joined = announced = size
         join_s, announce_s = time.perf_counter() - started, 0.0
+        join_cpu, announce_cpu = time.process_time() - cpu, 0.0
     bytes_per_node = (rss_bytes() - rss_before) / size
     datagrams_formation = sim.net.stats["sent"]
     tables = sorted(len(e.table) for e in sim.engines)
@@ -467,6 +470,9 @@ def measure_size(size: int, args: argparse.Namespace, emit=None) -> list[dict[st
         "build_wall_s": round(build_s, 2),
         "join_wall_s": round(join_s, 2),
         "announce_wall_s": round(announce_s, 2),
+        "join_cpu_s": round(join_cpu, 2),
+        "announce_cpu_s": round(announce_cpu, 2),
+        "load_average_before": load_before,
         "datagrams_formation": datagrams_formation,
         "kernel": KERNEL,
         "python_version": platform.python_version(),
@@ -479,7 +485,7 @@ def measure_size(size: int, args: argparse.Namespace, emit=None) -> list[dict[st
     for condition in CONDITIONS:
         if condition not in args.conditions:
             continue
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         sent_before = sim.net.stats["sent"]
         if condition.startswith("crashed_20") and not crashed:
             crashed = sorted(rng.sample(everyone, int(CRASHED_FRACTION * size)))
@@ -498,6 +504,9 @@ def measure_size(size: int, args: argparse.Namespace, emit=None) -> list[dict[st
                "crashed_fraction": len(crashed) / size if condition.startswith("crashed") else 0.0,
                **figures,
                "wall_s": round(time.perf_counter() - started, 2),
+               "cpu_s": round(time.process_time() - cpu, 2),
+               "load_average_after": _load_average(),
+               "liveness_checks": _liveness_checks(sim),
                "datagrams": sim.net.stats["sent"] - sent_before,
                "requests_not_sent": _requests_not_sent(sim),
                "virtual_time_s": round(sim.net.now, 1)}
@@ -506,6 +515,24 @@ def measure_size(size: int, args: argparse.Namespace, emit=None) -> list[dict[st
         if emit is not None:
             emit(row)
     return rows
+
+
+def _load_average() -> float | None:
+    """The machine's 1-minute load average (other processes compete for the CPUs: wall times
+    are then upper bounds, and ``*_cpu_s`` says what this process itself used)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:  # pragma: no cover - not POSIX
+        return None
+
+
+def _liveness_checks(sim: Sim) -> dict[str, int]:
+    """The engines' liveness checks of full buckets so far, summed (``stats()["liveness_checks"]``)."""
+    total: dict[str, int] = {}
+    for engine in sim.engines:
+        for key, value in engine.stats()["liveness_checks"].items():
+            total[key] = total.get(key, 0) + value
+    return total
 
 
 def _requests_not_sent(sim: Sim) -> int:

@@ -19,7 +19,9 @@ Rules (docs/engine.md, "Rules"):
 
 - **Entering the table.** Only a peer whose message the session layer delivered (it completed a
   handshake) is inserted, with the address it was heard from. ``Pending(check=c)`` makes the
-  engine PING ``c``: its PONG calls ``touch``, its timeout ``remove`` (Kademlia §2.2). Contacts
+  engine PING ``c``: its PONG calls ``touch``, its timeout ``remove`` (Kademlia §2.2). The table
+  asks for such a check only if ``c`` was not heard from within ``liveness_recent_s`` (BEP 5's
+  "good" nodes), one per bucket at a time; ``stats()["liveness_checks"]`` counts them. Contacts
   from NODES answers are lookup candidates only.
 - **Requests.** Random 8-byte request IDs from ``rng``; the outstanding table is capped
   (``max_outstanding_requests``); an answer is accepted only from the peer asked (node ID and
@@ -40,8 +42,9 @@ reason at INFO, later ones at DEBUG); a bug is counted as ``internal_error`` wit
 
 Upkeep (docs/engine.md, "Upkeep"), run from :meth:`DhtEngine.handle_timer`: expiry of sessions
 and stored records; bucket refresh (Kademlia §2.3: a lookup of a random ID in every bucket idle for
-``refresh_interval_s``, and in every bucket farther than the nearest neighbour right after the
-join's self-lookup); republishing the own record and announcements at half their TTL (§2.5);
+``refresh_interval_s``, and right after the join's self-lookup in at most ``join_refresh_buckets``
+buckets farther than the nearest neighbour, the farthest not full); forgetting per-peer state that
+no longer matters; republishing the own record and announcements at half their TTL (§2.5);
 re-replicating stored records hourly (§2.5); eviction of table contacts that fail
 ``evict_after_failures`` requests in a row; the external address from PONG votes (discv5).
 
@@ -146,6 +149,11 @@ DROP_REASONS = (
 #: A peer re-enters the table (moves to its bucket's most-recently-seen end) at most this often.
 _REENTER_S = 1.0
 
+#: A finished request's ID is remembered this long past its deadline, so that a late or second
+#: answer is counted as ``late_response`` / ``duplicate_response`` rather than as unsolicited
+#: (then forgotten: per-peer state must not grow with the peers a node ever talked to).
+_DONE_KEEP_S = 2 * 5.0  # 2 x MAX_RTO_S
+
 #: Stats key of each message type ("find_node", ...).
 _NAMES = {cls: cls.TYPE.name.lower() for cls in (Ping, Pong, FindNode, Nodes, Store, StoreResult, FindValue,
                                                  Value, Announce, GetProviders, Providers)}
@@ -193,6 +201,17 @@ class DhtConfig:
     #: A bucket with no lookup through it for this long is refreshed with a lookup of a random ID
     #: in it (Kademlia §2.3 uses an hour; go-libp2p 10 minutes).
     refresh_interval_s: float = 600.0
+    #: Right after the join's self-lookup, at most this many buckets farther than the nearest
+    #: neighbour are refreshed at once: the farthest ones that are not full (0 = none). The others
+    #: fill from the traffic that reaches the node, and any still idle after
+    #: ``refresh_interval_s`` are refreshed then (docs/engine.md, "Upkeep": Kademlia §2.3
+    #: refreshes every such bucket at once; BEP 5 joins with the self-lookup alone; geth adds 3
+    #: random lookups; go-libp2p-kad-dht skips buckets refreshed recently and stops after gaps).
+    join_refresh_buckets: int = 1
+    #: A full bucket PINGs its least-recently-seen entry for a newcomer only if that entry was not
+    #: heard from within this many seconds (BEP 5: a node that answered in the last 15 minutes is
+    #: "good" and is not pinged); the newcomer waits in the replacement cache meanwhile.
+    liveness_recent_s: float = 900.0
     #: Stored records not re-published for this long are sent to the k closest again (Kademlia
     #: §2.5: hourly), at most ``max_replications_per_upkeep`` per upkeep.
     replication_interval_s: float = 3600.0
@@ -210,14 +229,19 @@ class DhtConfig:
     def __post_init__(self) -> None:
         ints = {"bucket_size", "parallelism", "max_outstanding_requests", "max_lookups",
                 "max_rtt_entries", "max_rate_limited_ips", "max_replications_per_upkeep",
-                "evict_after_failures", "min_address_votes", "max_address_voters"}
+                "evict_after_failures", "min_address_votes", "max_address_voters",
+                "join_refresh_buckets"}
+        may_be_zero = {"join_refresh_buckets", "liveness_recent_s"}
         for f in fields(self):
             name, value = f.name, getattr(self, f.name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ArgumentTypeError(f"{name} must be a number, not {type(value).__name__}")
             if name in ints and not isinstance(value, int):
                 raise ArgumentTypeError(f"{name} must be an int, not {type(value).__name__}")
-            if not (math.isfinite(value) and value > 0):
+            if name in may_be_zero:
+                if not (math.isfinite(value) and value >= 0):
+                    raise ArgumentValueError(f"{name} must be >= 0 and finite, not {value!r}")
+            elif not (math.isfinite(value) and value > 0):
                 raise ArgumentValueError(f"{name} must be positive and finite, not {value!r}")
         if self.bucket_size > MAX_BUCKET_SIZE:
             raise ArgumentValueError(f"bucket_size must be in 1..{MAX_BUCKET_SIZE}, not {self.bucket_size}")
@@ -363,7 +387,8 @@ class DhtEngine:
             if getattr(session_layer, "node_id", None) != self._id:
                 raise ArgumentValueError("session_layer must be built for this identity")
             self._session = session_layer
-        self._table = RoutingTable(self._id, bucket_size=config.bucket_size, now=now)
+        self._table = RoutingTable(self._id, bucket_size=config.bucket_size, now=now,
+                                   liveness_recent_s=config.liveness_recent_s)
         self._store = RecordStore()
         self._lookup_params = LookupParams(bucket_size=config.bucket_size,
                                            parallelism=config.parallelism,
@@ -375,11 +400,13 @@ class DhtEngine:
         #: answered or already retried are dropped when they reach the top (or on a rebuild)
         self._timers: list[tuple[float, int, bytes]] = []
         self._timer_seq = 0
-        #: request ID -> ((peer ID, address), drop reason) of requests recently finished (bounded)
-        self._done: OrderedDict[bytes, tuple[tuple[bytes, Address], str]] = OrderedDict()
+        #: request ID -> ((peer ID, address), drop reason, forget at) of requests recently
+        #: finished, oldest first: bounded in count and kept only _DONE_KEEP_S past the deadline
+        self._done: OrderedDict[bytes, tuple[tuple[bytes, Address], str, float]] = OrderedDict()
         self._queries: dict[QueryId, _Query] = {}
         self._next_query = 1
-        self._rtt: OrderedDict[bytes, list[float]] = OrderedDict()  # node ID -> [srtt, rttvar]
+        #: node ID -> complex(srtt, rttvar): one 32-byte object per peer, not a list and two floats
+        self._rtt: OrderedDict[bytes, complex] = OrderedDict()
         self._ip_buckets: OrderedDict[object, _TokenBucket] = OrderedDict()
         self._global_bucket = _TokenBucket(config.burst_global, now)
         self._next_upkeep = now + config.upkeep_interval_s
@@ -391,6 +418,7 @@ class DhtEngine:
         #: voter's IP group -> (address reported, when), oldest first
         self._votes: OrderedDict[tuple[int, int], tuple[Address, float]] = OrderedDict()
         self._stats_evicted = 0
+        self._liveness_failed = 0
         #: (node ID, address) -> when it last entered the table (cleared when full)
         self._entered: dict[tuple[bytes, Address], float] = {}
         self._drops: dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
@@ -443,10 +471,10 @@ class DhtEngine:
 
     def rto(self, node_id: bytes) -> float:
         """The current request timeout for ``node_id`` (RFC 6298, clamped)."""
-        entry = self._rtt.get(bytes(node_id))
+        entry = self._rtt.get(node_id if isinstance(node_id, bytes) else bytes(node_id))
         if entry is None:
             return INITIAL_RTO_S
-        return min(MAX_RTO_S, max(MIN_RTO_S, entry[0] + 4.0 * entry[1]))
+        return min(MAX_RTO_S, max(MIN_RTO_S, entry.real + 4.0 * entry.imag))
 
     def stats(self) -> dict:
         """Messages in and out by type, drops by reason (the session layer's prefixed with
@@ -472,6 +500,7 @@ class DhtEngine:
             "outstanding_requests": len(self._requests),
             "requests_retried": self._stats_retries,
             "contacts_evicted": self._stats_evicted,
+            "liveness_checks": self._liveness_stats(),
             "address_voters": len(self._votes),
             "lookups_running": sum(1 for q in self._queries.values()
                                    if q.lookup is not None and not q.lookup.finished),
@@ -818,7 +847,17 @@ class DhtEngine:
         if parts is not None:
             self._table.touch(check.node_id, now)
             return
+        self._liveness_failed += 1
         self._remove_contact(check.node_id, now)
+
+    def _liveness_stats(self) -> dict[str, int]:
+        """Liveness checks of full buckets (Kademlia §2.2): ``started`` (PINGs sent to a bucket's
+        oldest entry), ``skipped_recent`` (none needed: the oldest was heard from within
+        ``liveness_recent_s``, BEP 5), ``coalesced`` (one already under way for that bucket),
+        ``failed`` (the oldest did not answer and was removed)."""
+        table = self._table.insert_counts
+        return {"started": table["pending"], "skipped_recent": table["cached"],
+                "coalesced": table["full"], "failed": self._liveness_failed}
 
     def _remove_contact(self, node_id: bytes, now: float) -> None:
         self._failures.pop(node_id, None)
@@ -990,12 +1029,25 @@ class DhtEngine:
         return True
 
     def _remember_done(self, request: _Request, reason: str) -> None:
-        """Remember a finished request for a while, so that a second answer (to its retry) or a
-        late one is counted as such rather than as unsolicited."""
+        """Remember a finished request for a while (until ``_DONE_KEEP_S`` past its deadline),
+        so that a second answer (to its retry) or a late one is counted as such rather than as
+        unsolicited."""
         done = self._done
+        self._forget_done(request.sent_at)  # now >= sent_at: whatever expired by then goes
         while len(done) >= self._config.max_outstanding_requests:
             done.popitem(last=False)
-        done[request.request_id] = ((request.peer.node_id, request.peer.address), reason)
+        done[request.request_id] = ((request.peer.node_id, request.peer.address), reason,
+                                    request.deadline + _DONE_KEEP_S)
+
+    def _forget_done(self, now: float) -> None:
+        """Drop the finished requests remembered long enough (oldest first; entries finish in
+        nearly deadline order, so the scan stops at the first one still kept)."""
+        done = self._done
+        while done:
+            first = next(iter(done.values()))
+            if first[2] > now:
+                break
+            done.popitem(last=False)
 
     def _request_id(self) -> bytes:
         while True:
@@ -1024,12 +1076,11 @@ class DhtEngine:
         if entry is None:
             while len(table) >= self._config.max_rtt_entries:
                 table.popitem(last=False)
-            table[node_id] = [sample, sample / 2.0]
+            table[node_id] = complex(sample, sample / 2.0)
             return
         table.move_to_end(node_id)
-        srtt, rttvar = entry
-        entry[1] = 0.75 * rttvar + 0.25 * abs(srtt - sample)
-        entry[0] = 0.875 * srtt + 0.125 * sample
+        srtt, rttvar = entry.real, entry.imag
+        table[node_id] = complex(0.875 * srtt + 0.125 * sample, 0.75 * rttvar + 0.25 * abs(srtt - sample))
 
     # --- lookups -------------------------------------------------------------------------------------
 
@@ -1154,11 +1205,29 @@ class DhtEngine:
             return
         self._queries.pop(query.id, None)
         if kind == "bootstrap" and closest:
-            # Kademlia §2.3: after the self-lookup, refresh every bucket farther than the closest
-            # neighbour (the last bucket holds the neighbours the self-lookup found).
-            for index in range(self._table.bucket_count - 1):
-                refresh = self._new_query("refresh", self._table.random_id_in_bucket(index, self._rng))
-                self._start_lookup(refresh, now)
+            self._refresh_after_join(now)
+
+    def _refresh_after_join(self, now: float) -> list[QueryId]:
+        """The join's bucket refresh, bounded (docs/engine.md, "Upkeep"). Kademlia §2.3 refreshes
+        every bucket farther than the nearest neighbour right after the self-lookup: about
+        log2(n/k) lookups of k answers each, most of a join's cost. Here at most
+        ``join_refresh_buckets`` of them are refreshed now, the farthest buckets that are not
+        full (they cover most of the keyspace, so most lookups start there); the rest are left
+        to the traffic that reaches a new node (paper §2.3: "buckets are generally kept fresh by
+        the traffic of requests traveling through nodes"; BEP 5 joins with the self-lookup alone)
+        and to the periodic refresh of buckets still idle after ``refresh_interval_s`` (§2.3; the
+        same rule go-libp2p-kad-dht applies, skipping buckets refreshed recently)."""
+        table, budget = self._table, self._config.join_refresh_buckets
+        started: list[QueryId] = []
+        for index in range(table.bucket_count - 1):  # the last bucket holds the neighbours
+            if len(started) >= budget:
+                break
+            if len(table.bucket(index)) >= table.bucket_size:
+                continue
+            refresh = self._new_query("refresh", table.random_id_in_bucket(index, self._rng))
+            self._start_lookup(refresh, now)
+            started.append(refresh.id)
+        return started
 
     # --- announcing ----------------------------------------------------------------------------------
 
@@ -1263,6 +1332,7 @@ class DhtEngine:
         unix = self._unix(now)
         self._session.expire(now)
         self._store.expire(unix)
+        self._expire_peer_state(now)
         self._next_upkeep = now + config.upkeep_interval_s
         if now >= self._republish_at and (self._published or self._capabilities):
             self._republish(now)
@@ -1279,6 +1349,27 @@ class DhtEngine:
             self._store.mark_provider_replicated(key, record.node_id, unix)
             if record.node_id != self._id:
                 self._announce("replicate_provider", key, record, now)
+
+    def _expire_peer_state(self, now: float) -> None:
+        """Forget per-peer state that no longer changes what the engine does, so that memory
+        follows the peers a node talks to now, not every peer it ever talked to: finished
+        requests past their keep time; token buckets full again (idle for ``burst / rate``
+        seconds: a forgotten bucket starts full, so forgetting it changes nothing); table
+        re-entry times older than ``_REENTER_S`` (they no longer suppress anything)."""
+        self._forget_done(now)
+        config = self._config
+        buckets = self._ip_buckets  # least recently used first
+        refill_s = config.burst_per_ip / config.rate_per_ip_per_s
+        while buckets:
+            first = next(iter(buckets.values()))
+            if now - first.last < refill_s:  # the least recently used is not surely full again
+                break
+            buckets.popitem(last=False)
+        entered = self._entered
+        if entered:
+            stale = [key for key, when in entered.items() if now - when >= _REENTER_S]
+            for key in stale:
+                del entered[key]
 
     def _unix(self, now: float) -> float:
         return now + self._unix_offset

@@ -17,7 +17,11 @@ Rules, with their sources:
   cache, and the least-recently-seen entry must fail a liveness check first (paper §2.2, §4.1:
   long-lived contacts are preferred). The table returns ``Pending(check=oldest)``; the engine pings
   and reports back with :meth:`RoutingTable.touch` (alive) or :meth:`RoutingTable.remove` (failed),
-  which promotes the most recently seen replacement.
+  which promotes the most recently seen replacement. At most one check per bucket is under way
+  (``Full`` while it runs), and none is asked for while the oldest entry was heard from within
+  ``liveness_recent_s`` (``Cached``): BEP 5 keeps a full bucket of "good" nodes (heard from in the
+  last 15 minutes) and pings only a questionable one, which also stops the chain of checks a
+  check's own PING would set off at its recipient. Each entry's last-seen time is kept for that.
 - ``closest`` is exact: it equals a full scan sorted by XOR distance (the oracle of the tests).
 
 Storage is flat so that the C kernel can scan it: bucket ``b`` owns ``bucket_size`` fixed slots,
@@ -28,7 +32,9 @@ measured by benchmarks/routing_table.py), beyond the contact objects themselves.
 
 from __future__ import annotations
 
+import math
 import random
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -57,6 +63,7 @@ __all__ = [
     "Updated",
     "Pending",
     "Full",
+    "Cached",
     "Rejected",
     "Removed",
 ]
@@ -161,6 +168,15 @@ class Full(InsertResult):
 
 
 @dataclass(frozen=True, slots=True)
+class Cached(InsertResult):
+    """The bucket is full and its least-recently-seen entry was heard from within the table's
+    ``liveness_recent_s``, so no liveness check is due (BEP 5: a bucket full of good nodes);
+    ``contact`` waits in the replacement cache (if the cache has room for it)."""
+
+    contact: Contact
+
+
+@dataclass(frozen=True, slots=True)
 class Rejected(InsertResult):
     """Not admitted: ``reason`` is ``"own-id"`` or ``"diversity-bucket"`` /
     ``"diversity-table"`` (too many contacts from one IP prefix)."""
@@ -239,6 +255,11 @@ class RoutingTable:
         "_activity",
         "_replacements",
         "_checking",
+        "_seen",
+        "_recent_s",
+        "_n_pending",
+        "_n_cached",
+        "_n_full",
         "_count",
         "_diversity",
         "_groups",
@@ -253,6 +274,7 @@ class RoutingTable:
         diversity: DiversityLimits | None = None,
         now: float = 0.0,
         kernel: ModuleType | None = None,
+        liveness_recent_s: float = 0.0,
     ) -> None:
         if not isinstance(local_id, bytes):
             raise ArgumentTypeError(f"local_id must be a NodeId, not {type(local_id).__name__}")
@@ -267,6 +289,10 @@ class RoutingTable:
                 f"replacement_cache_size must be an int in 0..{MAX_REPLACEMENT_CACHE_SIZE},"
                 f" not {replacement_cache_size!r}"
             )
+        if isinstance(liveness_recent_s, bool) or not isinstance(liveness_recent_s, (int, float)) \
+                or not liveness_recent_s >= 0:
+            raise ArgumentValueError(f"liveness_recent_s must be a number >= 0, not {liveness_recent_s!r}")
+        self._recent_s = float(liveness_recent_s)
         self._local = NodeId(local_id)
         self._k = bucket_size
         self._cache_size = replacement_cache_size
@@ -277,6 +303,10 @@ class RoutingTable:
         self._activity: list[float] = [_check_now(now)]
         self._replacements: list[list[Contact] | None] = [None]
         self._checking: list[Contact | None] = [None]
+        #: when each slot's contact was last heard from (inserted, updated or touched), in step
+        #: with ``_slots``; -inf for a promoted replacement (not heard from since it was cached)
+        self._seen = array("d", bytes(8 * bucket_size))
+        self._n_pending = self._n_cached = self._n_full = 0
         self._count = 0
         self._diversity: DiversityLimits | None = None
         self._groups: dict[tuple[int, int], int] = {}
@@ -334,6 +364,25 @@ class RoutingTable:
         self._check_bucket(index)
         return self._checking[index]
 
+    def last_seen(self, node_id: bytes) -> float | None:
+        """When ``node_id`` was last heard from (inserted, updated or touched); ``-inf`` for a
+        promoted replacement not heard from since; None if it is not in the table."""
+        bucket, slot = self._locate(node_id)
+        return self._seen[slot] if slot >= 0 else None
+
+    @property
+    def insert_counts(self) -> dict[str, int]:
+        """How many inserts into a full bucket returned ``Pending`` (a liveness check asked
+        for), ``Cached`` (none needed: the oldest entry was heard from recently) and ``Full``
+        (one already under way for that bucket)."""
+        return {"pending": self._n_pending, "cached": self._n_cached, "full": self._n_full}
+
+    @property
+    def liveness_recent_s(self) -> float:
+        """A full bucket asks for no liveness check while its oldest entry was heard from within
+        this many seconds (0: always check)."""
+        return self._recent_s
+
     def get(self, node_id: bytes) -> Contact | None:
         bucket, slot = self._locate(node_id)
         return self._slots[slot] if slot >= 0 else None
@@ -356,7 +405,7 @@ class RoutingTable:
         bucket, slot = self._locate(node_id)
         if slot >= 0:
             self._replace_in_slot(slot, contact)
-            self._move_to_tail(bucket, slot)
+            self._move_to_tail(bucket, slot, now)
             self._clear_check(bucket, node_id)
             self._activity[bucket] = now
             return Updated(contact)
@@ -369,13 +418,19 @@ class RoutingTable:
         self._activity[bucket] = now
         if self._sizes[bucket] < self._k:
             self._drop_replacement(bucket, node_id)
-            self._append(bucket, contact)
+            self._append(bucket, contact, now)
             return Inserted(contact)
         self._remember_replacement(bucket, contact)
         checking = self._checking[bucket]
         if checking is not None:
+            self._n_full += 1
             return Full(contact, checking)
-        oldest = self._slots[bucket * self._k]
+        head = bucket * self._k
+        if now - self._seen[head] < self._recent_s:  # BEP 5: the oldest is still a good node
+            self._n_cached += 1
+            return Cached(contact)
+        self._n_pending += 1
+        oldest = self._slots[head]
         assert oldest is not None
         self._checking[bucket] = oldest
         return Pending(contact, oldest)
@@ -387,7 +442,7 @@ class RoutingTable:
         bucket, slot = self._locate(node_id)
         if slot < 0:
             return False
-        self._move_to_tail(bucket, slot)
+        self._move_to_tail(bucket, slot, now)
         self._clear_check(bucket, node_id)
         self._activity[bucket] = now
         return True
@@ -501,10 +556,11 @@ class RoutingTable:
         first = bucket * self._k
         return bucket, self._kernel.find_in_bucket(self._ids, first, self._sizes[bucket], node_id)
 
-    def _append(self, bucket: int, contact: Contact) -> None:
+    def _append(self, bucket: int, contact: Contact, seen: float) -> None:
         slot = bucket * self._k + self._sizes[bucket]
         self._ids[slot * _ID : slot * _ID + _ID] = contact.node_id
         self._slots[slot] = contact
+        self._seen[slot] = seen
         self._sizes[bucket] += 1
         self._count += 1
         self._count_group(contact, +1)
@@ -517,14 +573,18 @@ class RoutingTable:
             self._count_group(contact, +1)
         self._slots[slot] = contact
 
-    def _move_to_tail(self, bucket: int, slot: int) -> None:
+    def _move_to_tail(self, bucket: int, slot: int, now: float) -> None:
         end = bucket * self._k + self._sizes[bucket]
+        seen = self._seen
         if slot == end - 1:
+            seen[slot] = now
             return
         ids, slots = self._ids, self._slots
         moved_id = ids[slot * _ID : slot * _ID + _ID]
         ids[slot * _ID : end * _ID] = ids[slot * _ID + _ID : end * _ID] + moved_id
         slots[slot:end] = slots[slot + 1 : end] + [slots[slot]]
+        seen[slot : end - 1] = seen[slot + 1 : end]
+        seen[end - 1] = now
 
     def _delete_slot(self, bucket: int, slot: int) -> None:
         end = bucket * self._k + self._sizes[bucket]
@@ -532,6 +592,9 @@ class RoutingTable:
         contact = slots[slot]
         ids[slot * _ID : end * _ID] = ids[slot * _ID + _ID : end * _ID] + bytes(_ID)
         slots[slot:end] = slots[slot + 1 : end] + [None]
+        seen = self._seen
+        seen[slot : end - 1] = seen[slot + 1 : end]
+        seen[end - 1] = 0.0
         self._sizes[bucket] -= 1
         self._count -= 1
         assert contact is not None
@@ -569,7 +632,7 @@ class RoutingTable:
         while cache:
             candidate = cache.pop()
             if self._diversity_refusal(candidate, bucket) is None:
-                self._append(bucket, candidate)
+                self._append(bucket, candidate, -math.inf)
                 return candidate
         return None
 
@@ -582,14 +645,16 @@ class RoutingTable:
         deeper = self._deeper_than(last)
         first = last * k
         members = self._slots[first : first + self._sizes[last]]
+        seen = dict(zip((c.node_id for c in members), self._seen[first : first + len(members)]))
         self._ids.extend(bytes(k * _ID))
         self._slots.extend([None] * k)
+        self._seen.frombytes(bytes(8 * k))
         self._sizes.append(0)
         self._activity.append(self._activity[last])
         self._replacements.append(None)
         self._checking.append(None)
-        self._write_bucket(last, [c for c in members if not deeper(c)])
-        self._write_bucket(last + 1, [c for c in members if deeper(c)])
+        self._write_bucket(last, [c for c in members if not deeper(c)], seen)
+        self._write_bucket(last + 1, [c for c in members if deeper(c)], seen)
         cache = self._replacements[last]
         if cache:
             self._replacements[last] = [c for c in cache if not deeper(c)] or None
@@ -602,12 +667,14 @@ class RoutingTable:
         local, index = self._local, self._kernel.bucket_index
         return lambda contact: index(local, contact.node_id) > prefix
 
-    def _write_bucket(self, bucket: int, contacts: list[Contact]) -> None:
-        """Lay ``contacts`` out as bucket ``bucket``'s slots, in order."""
+    def _write_bucket(self, bucket: int, contacts: list[Contact], seen: dict[bytes, float]) -> None:
+        """Lay ``contacts`` out as bucket ``bucket``'s slots, in order (``seen``: their last-seen
+        times by node ID)."""
         k = self._k
         first = bucket * k
         self._ids[first * _ID : (first + k) * _ID] = b"".join(c.node_id for c in contacts).ljust(k * _ID, b"\0")
         self._slots[first : first + k] = contacts + [None] * (k - len(contacts))
+        self._seen[first : first + k] = array("d", [seen[c.node_id] for c in contacts] + [0.0] * (k - len(contacts)))
         self._sizes[bucket] = len(contacts)
 
     def __repr__(self) -> str:

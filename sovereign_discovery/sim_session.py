@@ -43,6 +43,7 @@ from .session import (
     check_receive,
     check_send,
 )
+from .wire import intern_contact
 
 __all__ = ["SimulatedSessionLayer", "SimulatedDirectory", "KIND_SIMULATED", "DROP_REASONS"]
 
@@ -72,10 +73,16 @@ class SimulatedDirectory:
         """``contact`` (its key and address) is now the host at ``contact.address``."""
         if not isinstance(contact, Contact):
             raise ArgumentTypeError(f"contact must be a Contact, not {type(contact).__name__}")
+        old = self._by_address.get(contact.address)
+        if old is not None:
+            intern_contact(old, remove=True)
         self._by_address[contact.address] = contact
+        intern_contact(contact)  # NODES answers naming it decode to this very object
 
     def unregister(self, address: Address) -> None:
-        self._by_address.pop(address, None)
+        old = self._by_address.pop(address, None)
+        if old is not None:
+            intern_contact(old, remove=True)
 
     def get(self, address: Address) -> Contact | None:
         return self._by_address.get(address)

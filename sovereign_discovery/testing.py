@@ -12,8 +12,10 @@ A host is anything with the engine's four methods (``docs/engine.md``)::
     datagrams_to_send() -> list[tuple[Address, bytes]]
     next_deadline() -> float | None
 
-After every call into a host the network drains its datagrams and re-arms its single timer at
-``next_deadline()``, exactly as the asyncio driver does, so the very same engine runs under both.
+After every call into a host the network drains its datagrams and keeps its single timer armed
+at ``next_deadline()``, moved only when the deadline comes sooner, exactly as the asyncio driver
+does (a timer that fires early finds nothing due and is armed again), so the very same engine runs
+under both, and the event heap holds about one timer per host rather than one per call.
 """
 
 from __future__ import annotations
@@ -93,6 +95,7 @@ class SimulatedNetwork:
         self._hosts: dict[Address, SimulatedHost] = {}
         self._crashed: set[Address] = set()
         self._timer_version: dict[Address, int] = {}
+        self._armed: dict[Address, float] = {}  # when each host's one live timer entry fires
         self._next_index = 1
         self.stats: dict[str, int] = dict.fromkeys(
             ("sent", "delivered", "lost", "duplicated", "to_crashed", "to_unknown", "timers"), 0)
@@ -138,6 +141,7 @@ class SimulatedNetwork:
             raise ArgumentValueError(f"no host at {address}")
         self._crashed.add(address)
         self._timer_version[address] = self._timer_version.get(address, 0) + 1
+        self._armed.pop(address, None)
 
     def is_crashed(self, address: Address) -> bool:
         return address in self._crashed
@@ -166,6 +170,7 @@ class SimulatedNetwork:
                 address, version = payload  # type: ignore[misc]
                 if self._timer_version.get(address) != version or address in self._crashed:
                     continue  # re-armed or crashed since
+                del self._armed[address]
                 host = self._hosts[address]
                 self.stats["timers"] += 1
                 host.handle_timer(self._now)
@@ -223,10 +228,16 @@ class SimulatedNetwork:
             for _ in range(copies):
                 self._push(self._now + link.latency(rng), _DELIVER, (destination, address, bytes(data)))
         deadline = host.next_deadline()
+        if deadline is None:
+            return  # an armed timer stays: firing early is harmless
+        deadline = max(deadline, self._now)
+        armed = self._armed.get(address)
+        if armed is not None and armed <= deadline:
+            return  # the armed timer comes first (or at the same time): it re-arms when it fires
         version = self._timer_version.get(address, 0) + 1
         self._timer_version[address] = version
-        if deadline is not None:
-            self._push(max(deadline, self._now), _TIMER, (address, version))
+        self._armed[address] = deadline
+        self._push(deadline, _TIMER, (address, version))
 
 
 

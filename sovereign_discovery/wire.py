@@ -143,6 +143,23 @@ _bytes_new = bytes.__new__
 #: distinct contacts costs misses, not memory.
 _CONTACT_CACHE_SIZE = 4096
 _contact_cache: dict[bytes, Contact] = {}
+#: Contacts a trusted simulator registered (:func:`intern_contact`): consulted on a cache miss,
+#: never filled from the network, so NODES answers in a simulation of any size decode to the very
+#: contact objects the simulator made (one per node, shared by every table and lookup).
+_interned: dict[bytes, Contact] = {}
+
+
+def intern_contact(contact: Contact, *, remove: bool = False) -> None:
+    """Let NODES decoding return ``contact`` itself for its exact encoding (or stop, with
+    ``remove``). For simulators that hold every node's contact (``sim_session.
+    SimulatedDirectory`` calls it); a real node never needs it."""
+    if not isinstance(contact, Contact):
+        raise ArgumentTypeError(f"contact must be a Contact, not {type(contact).__name__}")
+    if remove:
+        if _interned.get(contact.encode()) is contact:
+            del _interned[contact.encode()]
+    else:
+        _interned[contact.encode()] = contact
 
 
 # --- caller checks -----------------------------------------------------------------------------
@@ -528,7 +545,11 @@ def _decode_nodes(data: bytes, n: int) -> Nodes:
         # The address kind says the contact's length: 0x04 -> 7 address bytes, 0x06 -> 19.
         kind = data[key_end]
         end = key_end + (7 if kind == 0x04 else 19)
-        contact = cache.get(data[offset:end]) if kind in (0x04, 0x06) and end <= n else None
+        contact = None
+        if kind in (0x04, 0x06) and end <= n:
+            raw = data[offset:end]
+            # A simulation interns every contact: one lookup there; a real node's is empty.
+            contact = (_interned.get(raw) if _interned else None) or cache.get(raw)
         if contact is None:
             try:
                 address, end = decode_address(data, key_end)

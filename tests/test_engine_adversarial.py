@@ -541,7 +541,10 @@ def test_requests_from_one_ip_are_rate_limited_across_identities_and_ports():
 
 
 def test_tables_stay_capped_under_a_flood_and_a_peer_is_still_served():
-    config = DhtConfig(bucket_size=2, max_outstanding_requests=4, max_rate_limited_ips=16)
+    # liveness_recent_s=0: every newcomer for a full bucket asks for a check (the default exempts
+    # an oldest entry heard from in the last 15 minutes), so the flood exercises the request cap.
+    config = DhtConfig(bucket_size=2, max_outstanding_requests=4, max_rate_limited_ips=16,
+                       liveness_recent_s=0)
     hand, engine, client = served(config)
     limits, rng = SessionLimits(), random.Random(7)
     # 1,500 random packets claiming distinct node IDs from 3 hosts: challenges capped per IP.

@@ -337,18 +337,53 @@ def test_unanswered_request_is_retried_once_then_times_out():
     assert a.stats()["drops"]["unsolicited_response"] == 0
 
 
-def test_liveness_check_of_a_full_bucket():
-    """k = 1: a second contact for the bucket makes the engine PING the first; a silent first
-    one is removed and the newcomer promoted."""
-    config = DhtConfig(bucket_size=1)
+def test_per_peer_state_is_forgotten_once_it_no_longer_matters():
+    """Memory follows the peers a node talks to now: a finished request is remembered 10 s past
+    its deadline (a late answer is counted as late, then as unsolicited), and upkeep forgets
+    token buckets that are full again (one forgotten starts full: nothing changes)."""
+    hand = Hand()
+    a = hand.add(make_engine(1, A, config=DhtConfig(upkeep_interval_s=1.0)), A)
+    silent = hand.add(Client(50), D)
+    polite = hand.add(Client(51), C)
+    a.bootstrap([silent.contact(D)], 0.0)
+    hand.pump(0.0)
+    first, _ = silent.take()
+    a.handle_timer(INITIAL_RTO_S)
+    hand.pump(INITIAL_RTO_S)
+    a.handle_timer(2 * INITIAL_RTO_S)  # given up at 2 s
+    polite.send(a.contact(A), Ping(b"\x01" * 8, 0), 2.0)
+    hand.pump(2.0)
+    assert a.stats()["rate_limited_ips"] == 1
+    a.handle_timer(3.0)  # upkeep: C's bucket was used 1 s ago, not surely full yet
+    assert a.stats()["rate_limited_ips"] == 1
+    a.handle_timer(4.5)  # 2.5 s idle >= burst / rate = 2 s: full again, forgotten
+    assert a.stats()["rate_limited_ips"] == 0
+    silent.send(a.contact(A), Pong(first.request_id, 0, A), 11.0)  # 9 s past the deadline
+    hand.pump(11.0)
+    assert a.stats()["drops"]["late_response"] == 1
+    a.handle_timer(12.5)  # upkeep: 10.5 s past the deadline, forgotten
+    silent.send(a.contact(A), Pong(first.request_id, 0, A), 12.5)
+    hand.pump(12.5)
+    drops = a.stats()["drops"]
+    assert drops["late_response"] == 1 and drops["unsolicited_response"] == 1
+
+
+def _same_bucket_clients(config: DhtConfig, count: int) -> tuple[Hand, DhtEngine, list[Client]]:
+    """An engine at A with ``config`` and ``count`` scripted clients (192.0.2.x) that fall in the
+    same bucket of its table."""
     hand = Hand()
     a = hand.add(make_engine(1, A, config=config), A)
     clients = [hand.add(Client(60 + i), Address(f"192.0.2.{10 + i}", 4000)) for i in range(40)]
-    # Find two clients in the same bucket of A's table.
     by_bucket: dict[int, list[Client]] = {}
     for cl in clients:
         by_bucket.setdefault(_prefix(a.node_id, cl.identity.node_id), []).append(cl)
-    first, second = next(v for v in by_bucket.values() if len(v) >= 2)[:2]
+    return hand, a, next(v for v in by_bucket.values() if len(v) >= count)[:count]
+
+
+def test_liveness_check_of_a_full_bucket():
+    """k = 1: a second contact for the bucket makes the engine PING the first (not heard from
+    within liveness_recent_s); a silent first one is removed and the newcomer promoted."""
+    hand, a, (first, second) = _same_bucket_clients(DhtConfig(bucket_size=1, liveness_recent_s=0.5), 2)
     first_addr = next(addr for addr, h in hand.hosts.items() if h is first)
     second_addr = next(addr for addr, h in hand.hosts.items() if h is second)
     first.send(a.contact(A), Ping(b"\x01" * 8, 0), 0.0)
@@ -366,6 +401,39 @@ def test_liveness_check_of_a_full_bucket():
     assert ContactAdded(second.contact(second_addr)) in events
     assert ContactRemoved(first.identity.node_id) in events
     assert first_addr != second_addr
+
+
+def test_no_liveness_check_while_the_oldest_entry_was_heard_from_recently():
+    """BEP 5: a full bucket whose oldest entry was heard from within liveness_recent_s (900 s)
+    pings nobody (the newcomer waits as a replacement); a check starts once the oldest has been
+    quiet that long, at most one per bucket at a time, and a failed check removes it. Every
+    outcome is counted in stats()["liveness_checks"]."""
+    assert DhtConfig().liveness_recent_s == 900.0
+    hand, a, (first, second, third) = _same_bucket_clients(DhtConfig(bucket_size=1), 3)
+
+    def ping(client: Client, rid: int, now: float) -> list:
+        client.send(a.contact(A), Ping(bytes([rid]) * 8, 0), now)
+        hand.pump(now)
+        return [m for m in first.take() if isinstance(m, Ping)]  # checks reach `first` only
+
+    def checks() -> dict:
+        return a.stats()["liveness_checks"]
+
+    assert ping(first, 1, 0.0) == [] and a.table.last_seen(first.identity.node_id) == 0.0
+    assert ping(second, 2, 10.0) == []  # first was heard from 10 s ago: no check
+    assert checks() == {"started": 0, "skipped_recent": 1, "coalesced": 0, "failed": 0}
+    assert [c.node_id for c in a.table.replacements(a.table.bucket_index(first.identity.node_id))] \
+        == [second.identity.node_id]
+    assert ping(first, 3, 500.0) == []  # first heard from again at 500
+    assert ping(third, 4, 1000.0) == []  # 500 s ago: still recent
+    assert checks()["skipped_recent"] == 2 and checks()["started"] == 0
+    assert len(ping(third, 5, 1401.0)) == 1  # 901 s without a word: one check
+    assert ping(second, 6, 1402.0) == []  # a check of that bucket is under way: coalesced
+    assert checks() == {"started": 1, "skipped_recent": 2, "coalesced": 1, "failed": 0}
+    a.handle_timer(1401.0 + 2 * INITIAL_RTO_S)  # first never answers
+    assert first.identity.node_id not in a.table
+    assert second.identity.node_id in a.table  # the most recently seen replacement
+    assert checks()["failed"] == 1
 
 
 def _prefix(a: bytes, b: bytes) -> int:

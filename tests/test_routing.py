@@ -12,6 +12,7 @@ from sovereign_discovery import (
     Address,
     ArgumentTypeError,
     ArgumentValueError,
+    Cached,
     Contact,
     DiversityLimits,
     Full,
@@ -111,6 +112,44 @@ def test_failed_check_evicts_and_promotes_the_newest_replacement(kernel):
     assert t.checking(0) is None
     assert t.remove(members[4].node_id, 3) == Removed(members[4], None)  # a waiting candidate
     assert t.remove(members[4].node_id, 3) is None
+
+
+def test_no_check_while_the_oldest_entry_was_heard_from_recently(kernel):
+    """BEP 5: the oldest entry of a full bucket is pinged only once it has not been heard from
+    for liveness_recent_s; until then a newcomer just waits in the replacement cache."""
+    t = table(kernel, liveness_recent_s=100.0)
+    assert t.liveness_recent_s == 100.0
+    t.insert(Peer(NodeId.from_int(1)), 0)
+    members = in_bucket(0, 6)
+    for i, peer in enumerate(members[:4]):
+        t.insert(peer, 10 + i)  # heard from at 10, 11, 12, 13
+    assert [t.last_seen(p.node_id) for p in members[:4]] == [10.0, 11.0, 12.0, 13.0]
+    assert t.insert(members[4], 109) == Cached(members[4])  # the oldest: 99 s ago
+    assert t.checking(0) is None and t.replacements(0) == [members[4]]
+    assert t.insert(members[0], 50) == Updated(members[0])  # heard from again: to the tail
+    assert t.bucket(0) == members[1:4] + [members[0]]
+    assert [t.last_seen(p.node_id) for p in t.bucket(0)] == [11.0, 12.0, 13.0, 50.0]
+    assert t.insert(members[5], 111) == Pending(members[5], members[1])  # 100 s: due
+    assert t.insert(members[4], 112) == Full(members[4], members[1])
+    assert t.insert_counts == {"pending": 1, "cached": 1, "full": 1}
+    removed = t.remove(members[1].node_id, 113)
+    assert removed == Removed(members[1], members[4])  # the most recently seen replacement
+    assert t.last_seen(members[4].node_id) == float("-inf")  # not heard from since it waited
+    assert t.last_seen(members[1].node_id) is None
+    assert [t.last_seen(p.node_id) for p in t.bucket(0)] == [12.0, 13.0, 50.0, float("-inf")]
+    assert t.touch(members[4].node_id, 114) and t.last_seen(members[4].node_id) == 114.0
+
+
+def test_last_seen_times_follow_their_contacts_through_a_split(kernel):
+    t = table(kernel)
+    deep = [Peer(NodeId.from_int(i)) for i in range(1, 40)]  # prefixes 154..159: splits
+    for i, p in enumerate(deep):
+        t.insert(p, float(i))
+    assert t.bucket_count > 1
+    for p in deep:
+        if p.node_id in t:
+            assert t.last_seen(p.node_id) == float(deep.index(p))
+    assert t.liveness_recent_s == 0.0  # the default: a full bucket always asks for a check
 
 
 def test_replacement_cache_is_bounded_and_keeps_the_most_recent(kernel):
@@ -220,6 +259,7 @@ def test_caller_mistakes_get_the_same_typed_error_from_both_kernels(kernel, call
     (dict(bucket_size=0), "bucket_size"), (dict(bucket_size=256), "bucket_size"),
     (dict(replacement_cache_size=-1), "replacement_cache_size"),
     (dict(diversity="yes"), "diversity"),
+    (dict(liveness_recent_s=-1.0), "liveness_recent_s"), (dict(liveness_recent_s="1"), "liveness_recent_s"),
 ])
 def test_constructor_checks(kw, name):
     with pytest.raises((ArgumentValueError, ArgumentTypeError), match=name):

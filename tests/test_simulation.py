@@ -85,15 +85,22 @@ def test_timers_fire_at_their_deadline_and_rearm():
     assert host.fired == [] and net.now == 4.0
     net.run_until(10.0)
     assert host.fired == [5.0]
-    net.call(address, lambda h, now: setattr(h, "deadline", 17.5))
-    net.call(address, lambda h, now: setattr(h, "deadline", 18.0))  # re-armed: 17.5 is void
+    net.call(address, lambda h, now: setattr(h, "deadline", 18.0))
+    net.call(address, lambda h, now: setattr(h, "deadline", 17.5))  # sooner: moved, 18.0 is void
     net.call(address, lambda h, now: None)  # a call that leaves the deadline alone keeps it
+    net.run_until(20.0)
+    assert host.fired == [5.0, 17.5]
+    # A later deadline does not move the armed timer (as the asyncio driver): it fires early,
+    # the host finds nothing due and arms its timer again.
+    net.call(address, lambda h, now: setattr(h, "deadline", 22.0))
+    net.call(address, lambda h, now: setattr(h, "deadline", 26.0))
     net.run_until(30.0)
-    assert host.fired == [5.0, 18.0]
+    assert host.fired == [5.0, 17.5, 22.0]
+    assert len(net._heap) == 0  # one heap entry per armed timer, none left behind
     host.deadline = 3.0  # already past: fires at once, not in the past
     net.call(address, lambda h, now: None)
     net.run_until(40.0)
-    assert host.fired == [5.0, 18.0, 30.0]
+    assert host.fired == [5.0, 17.5, 22.0, 30.0]
 
 
 def test_crashed_hosts_receive_nothing_and_can_restart():

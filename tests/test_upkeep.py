@@ -94,24 +94,72 @@ def test_upkeep_refreshes_on_its_own_clock():
     assert len(refreshed) == a.table.bucket_count
 
 
-def test_join_refreshes_every_bucket_farther_than_the_nearest_neighbour():
+def _join_network(config: DhtConfig, size: int = 29, prefill: int = 0):
+    """``size`` engines at 192.0.2.x joined one by one through the first; returns the newcomer
+    (the last) and the LookupFinished events of its join (the bootstrap's first). With
+    ``prefill``, the newcomer's bucket 0 first gets that many of the others (as if it had heard
+    from them)."""
     hand = Hand()
-    engines = [hand.add(make_engine(i, Address(f"192.0.2.{i}", 4000)), Address(f"192.0.2.{i}", 4000))
-               for i in range(1, 30)]
-    seed = engines[0].contact(Address("192.0.2.1", 4000))
+    addresses = [Address(f"192.0.2.{i}", 4000) for i in range(1, size + 1)]
+    engines = [hand.add(make_engine(i, address, config=config), address)
+               for i, address in zip(range(1, size + 1), addresses)]
+    seed = engines[0].contact(addresses[0])
     for engine in engines[1:-1]:
         engine.bootstrap([seed], 0.0)
         hand.pump(0.0)
     newcomer = engines[-1]
+    mine = int.from_bytes(newcomer.node_id, "big")
+    far = [e.contact(address) for e, address in zip(engines[:-1], addresses)
+           if (int.from_bytes(e.node_id, "big") ^ mine).bit_length() == 160]  # prefix length 0
+    for contact in far[:prefill]:
+        newcomer.table.insert(contact, 0.0)
     query = newcomer.bootstrap([seed], 0.0)
     hand.pump(0.0)
     finished = of_type(newcomer.events(), LookupFinished)
     assert finished[0].query == query and finished[0].closest
+    return newcomer, finished
+
+
+def test_join_refreshes_every_bucket_farther_than_the_nearest_neighbour_with_a_large_budget():
+    # Kademlia §2.3 as the paper has it: the budget covers every bucket (none is full: k = 20).
+    newcomer, finished = _join_network(DhtConfig(join_refresh_buckets=64))
     refreshes = finished[1:]
     assert len(refreshes) == newcomer.table.bucket_count - 1 >= 1
     assert sorted(newcomer.table.bucket_index(e.target) for e in refreshes) == \
         list(range(newcomer.table.bucket_count - 1))
-    assert len(newcomer.table) == len(engines) - 1  # a small network: everyone is known
+    assert len(newcomer.table) == 28  # a small network: everyone is known
+
+
+def test_join_refreshes_only_the_farthest_buckets_within_its_budget():
+    # The default budget: one refresh, of the farthest bucket that is not full (bucket 0).
+    assert DhtConfig().join_refresh_buckets == 1
+    newcomer, finished = _join_network(DhtConfig())
+    assert [newcomer.table.bucket_index(e.target) for e in finished[1:]] == [0]
+    # None: the self-lookup alone (BEP 5).
+    newcomer, finished = _join_network(DhtConfig(join_refresh_buckets=0))
+    assert finished[1:] == []
+    assert len(newcomer.table) >= 20  # the self-lookup's k closest answered
+
+
+def test_join_refresh_skips_buckets_that_are_already_full():
+    # k = 2 and bucket 0 full before the join: the refresh budget goes to the next buckets.
+    newcomer, finished = _join_network(DhtConfig(bucket_size=2, join_refresh_buckets=2), prefill=2)
+    table = newcomer.table
+    assert len(table.bucket(0)) == 2
+    assert sorted(table.bucket_index(e.target) for e in finished[1:]) == [1, 2]
+    newcomer, finished = _join_network(DhtConfig(bucket_size=2, join_refresh_buckets=2), prefill=1)
+    assert sorted(newcomer.table.bucket_index(e.target) for e in finished[1:]) == [0, 1]
+
+
+def test_config_accepts_zero_only_where_it_means_none():
+    assert DhtConfig(join_refresh_buckets=0, liveness_recent_s=0).liveness_recent_s == 0
+    for bad in ({"join_refresh_buckets": -1}, {"liveness_recent_s": -1.0}, {"upkeep_interval_s": 0}):
+        try:
+            DhtConfig(**bad)
+        except ValueError as exc:
+            assert next(iter(bad)) in str(exc)
+        else:
+            raise AssertionError(f"{bad} accepted")
 
 
 def test_owner_republishes_its_record_at_half_its_ttl():
