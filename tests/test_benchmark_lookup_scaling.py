@@ -68,7 +68,8 @@ def test_tiny_run_prints_one_object_per_condition_and_every_no_loss_lookup_succe
     assert no_loss["success_rate"] == 1.0
     assert no_loss["lookups_unfinished"] == 0
     assert no_loss["target_contacted_rate"] == 1.0
-    assert no_loss["median_requests"] >= 20  # a FIND_VALUE lookup asks the k = 20 closest
+    # the owner answering ends a record lookup: fewer requests than the k = 20 a full lookup asks
+    assert 1 <= no_loss["median_requests"] < 20
     assert rows[1]["loss"] == 0.1 and rows[2]["crashed_fraction"] == 0.2
 
 
