@@ -71,7 +71,7 @@ from .errors import (
     RecordError,
     RecordTooLargeError,
 )
-from .layers import LayerContext, LayerUnavailable
+from .layers import LayerContext, LayerTasks, LayerUnavailable
 from .peer_table import PeerInfo
 from .records import PeerRecord
 
@@ -213,13 +213,11 @@ class BleLayer:
         self._fetch_bucket = _TokenBucket(fetch_burst, fetches_per_s)
         self._resolve_timeout_s = float(resolve_timeout_s)
         self._lookup_bucket = _TokenBucket(lookup_burst, lookups_per_s)
-        self._resolving: dict[str, asyncio.Task] = {}  # address -> its resolution through the context
         self._resolved_at: OrderedDict[tuple[bytes, int], float] = OrderedDict()  # (peer ID, seq hint)
         self._index: dict[bytes, PeerInfo] = {}
         self._index_at = float("-inf")
         self._index_window: int | None = None
         self._token_cache: dict[bytes, tuple[int, dict[bytes, int]]] = {}
-        self._tasks: set[asyncio.Task] = set()
         self._readvertise_lock = asyncio.Lock()
         self._watcher = None
         self._watched_adapter: str | None = None
@@ -229,6 +227,8 @@ class BleLayer:
         self._recover_wakeup = asyncio.Event()
         self._rng = random.Random()
         self._count: Counter[str] = Counter()
+        #: background tasks; keyed: the resolution of a device through the context, by address
+        self._tasks = LayerTasks("ble", self._count)
         self._dropped: Counter[str] = Counter()
         self._state = "new"  # new, running, closed
 
@@ -269,11 +269,11 @@ class BleLayer:
         now = time.monotonic()
         for device in list(self._devices.values()):  # seen while starting
             self._resolve(device, now)
-        self._spawn(self._sweep_loop(), "sweep")
-        self._spawn(self._fetch_loop(), "fetch")
-        self._spawn(self._recover_loop(), "recover")
+        self._tasks.spawn(self._sweep_loop(), "sweep")
+        self._tasks.spawn(self._fetch_loop(), "fetch")
+        self._tasks.spawn(self._recover_loop(), "recover")
         if self.config.rotating_token:
-            self._spawn(self._rotate_loop(), "rotate")
+            self._tasks.spawn(self._rotate_loop(), "rotate")
         _log.info("BLE layer running on %s (advertising: %s, GATT record: %s)", adapter,
                   self._advertising, self._serving)
 
@@ -282,11 +282,7 @@ class BleLayer:
         if self._state == "closed":
             return
         self._state = "closed"
-        tasks = [*self._tasks, *self._resolving.values()]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self._resolving.clear()
+        await self._tasks.cancel_all()
         await self._stop_backends()
         await self._stop_watcher()
         self._devices.clear()
@@ -321,21 +317,10 @@ class BleLayer:
             "tracked_devices": len(self._devices),
             "peers_seen": len(self._peer_devices),
             "pending_fetches": len(self._pending),
-            "resolving": len(self._resolving),
+            "resolving": len(self._tasks),
             **dict(sorted(self._count.items())),
             "dropped": dict(sorted(self._dropped.items())),
         }
-
-    def _spawn(self, coro, name: str) -> None:
-        task = asyncio.create_task(coro, name=f"ble {name}")
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            self._count["internal_errors"] += 1
-            _log.error("%s failed", task.get_name(), exc_info=task.exception())
 
     # --- advertising the own record -------------------------------------------------------------------
 
@@ -344,7 +329,7 @@ class BleLayer:
 
     def _on_own_record(self, record: PeerRecord) -> None:
         if self._state == "running" and (self._own is None or record.encode() != self._own.encode()):
-            self._spawn(self._advertise(record), "advertise")
+            self._tasks.spawn(self._advertise(record), "advertise")
 
     async def _advertise(self, record: PeerRecord, *, raise_errors: bool = False) -> None:
         """(Re)start the GATT server and the advertisement for ``record``."""
@@ -602,7 +587,7 @@ class BleLayer:
     def _make_room(self) -> bool:
         """Evict the least recently seen device that is neither resolved nor being resolved or read."""
         for address, device in self._devices.items():
-            if device.record is None and address not in self._pending and address not in self._resolving:
+            if device.record is None and address not in self._pending and address not in self._tasks:
                 del self._devices[address]
                 self._count["devices_evicted"] += 1
                 return True
@@ -644,13 +629,13 @@ class BleLayer:
         (peer ID, seq hint) within RERESOLVE_AFTER_S; at most MAX_RESOLVES_IN_FLIGHT at once;
         the network (the DHT) only with a token of the lookup bucket."""
         address, payload = device.address, device.payload
-        if address in self._resolving:
+        if address in self._tasks:
             return True
         key = (payload.peer_id, payload.seq_hint)
         tried = self._resolved_at.get(key)
         if tried is not None and now - tried < RERESOLVE_AFTER_S:
             return False
-        if len(self._resolving) >= MAX_RESOLVES_IN_FLIGHT:
+        if len(self._tasks) >= MAX_RESOLVES_IN_FLIGHT:
             self._count["resolve_busy"] += 1
             return False
         self._resolved_at[key] = now
@@ -660,18 +645,9 @@ class BleLayer:
         lookup = self._lookup_bucket.take() == 0.0
         if not lookup:
             self._count["resolve_local_only"] += 1
-        task = asyncio.create_task(self._resolve_through_context(device, payload, lookup),
-                                   name=f"ble resolve {address}")
-        self._resolving[address] = task
-        task.add_done_callback(lambda t, a=address: self._resolution_done(a, t))
+        self._tasks.spawn_keyed(address, self._resolve_through_context(device, payload, lookup),
+                                f"resolve {address}")
         return True
-
-    def _resolution_done(self, address: str, task: asyncio.Task) -> None:
-        if self._resolving.get(address) is task:
-            del self._resolving[address]
-        if not task.cancelled() and task.exception() is not None:
-            self._count["internal_errors"] += 1
-            _log.error("BLE resolution of %s failed", address, exc_info=task.exception())
 
     async def _resolve_through_context(self, device: _Device, payload: BlePayload, lookup: bool) -> None:
         """Ask the context for the record ``payload`` names; check it like a GATT answer (a

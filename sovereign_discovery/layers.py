@@ -27,9 +27,12 @@ layer whose backend goes away and comes back after ``start`` (bluetoothd restart
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Coroutine, Hashable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -39,10 +42,83 @@ from .identity import Identity
 from .peer_table import PeerInfo
 from .records import PeerRecord
 
-__all__ = ["LocalLayer", "LayerContext", "LayerUnavailable", "ResolvedPeer", "record_matches", "LAYER_STATES"]
+__all__ = ["LocalLayer", "LayerContext", "LayerUnavailable", "LayerTasks", "ResolvedPeer", "record_matches",
+           "LAYER_STATES"]
+
+_log = logging.getLogger(__name__)
 
 #: The states a running layer may report through :meth:`LayerContext.layer_state`.
 LAYER_STATES = ("running", "unavailable")
+
+
+class LayerTasks:
+    """The background tasks of a local layer: each named ``"<prefix> <name>"``; one that fails is
+    counted in ``counts["internal_errors"]`` and logged with its traceback; :meth:`cancel_all`
+    ends them together. Keyed tasks (at most one per key, e.g. a resolution per peer) can be
+    looked up (``key in tasks``, ``len(tasks)``) and cancelled by key."""
+
+    def __init__(self, prefix: str, counts: Counter) -> None:
+        self._prefix = prefix
+        self._counts = counts
+        self._tasks: set[asyncio.Task] = set()
+        self._keyed: dict[Hashable, asyncio.Task] = {}
+
+    def spawn(self, coro: Coroutine, name: str) -> asyncio.Task:
+        task = asyncio.create_task(coro, name=f"{self._prefix} {name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+        return task
+
+    def spawn_keyed(self, key: Hashable, coro: Coroutine, name: str,
+                    on_done: Callable[[Hashable], None] | None = None) -> asyncio.Task:
+        """Run ``coro`` as the task of ``key`` (the caller checks none runs); ``on_done(key)``
+        after it ends, however it ends."""
+        task = asyncio.create_task(coro, name=f"{self._prefix} {name}")
+        self._keyed[key] = task
+
+        def done(task: asyncio.Task) -> None:
+            if self._keyed.get(key) is task:
+                del self._keyed[key]
+            self._report(task)
+            if on_done is not None:
+                on_done(key)
+
+        task.add_done_callback(done)
+        return task
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._keyed
+
+    def __len__(self) -> int:
+        """How many keyed tasks run."""
+        return len(self._keyed)
+
+    @property
+    def background_count(self) -> int:
+        """How many unkeyed tasks (the layer's loops, one-off jobs) run."""
+        return len(self._tasks)
+
+    def cancel(self, key: Hashable) -> None:
+        task = self._keyed.pop(key, None)
+        if task is not None:
+            task.cancel()
+
+    async def cancel_all(self) -> None:
+        """Cancel every task and wait until they have ended."""
+        tasks = [*self._tasks, *self._keyed.values()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._keyed.clear()
+
+    def _done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        self._report(task)
+
+    def _report(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self._counts["internal_errors"] += 1
+            _log.error("%s failed", task.get_name(), exc_info=task.exception())
 
 
 class LayerUnavailable(SovereignDiscoveryError):

@@ -55,7 +55,7 @@ from .errors import (
     RecordTooLargeError,
 )
 from .keys import NodeId
-from .layers import LayerContext, LayerUnavailable
+from .layers import LayerContext, LayerTasks, LayerUnavailable
 from .mdns_transport import (
     MdnsTransport,
     ResolvedService,
@@ -292,11 +292,11 @@ class MdnsLayer:
         self._announce_state = "waiting for the own record"
         self._announce_wanted = asyncio.Event()
         self._peers: dict[str, _Peer] = {}
-        self._resolving: dict[str, asyncio.Task] = {}
         self._again: set[str] = set()
         self._resolve_slots = asyncio.Semaphore(MAX_RESOLVES_IN_FLIGHT)
-        self._tasks: set[asyncio.Task] = set()
         self._count: Counter[str] = Counter()
+        #: background tasks; keyed: the resolution of each service instance
+        self._tasks = LayerTasks("mdns", self._count)
         self._dropped: Counter[str] = Counter()
         self._liveness = "on"
 
@@ -334,8 +334,8 @@ class MdnsLayer:
             _log.info("mdns liveness checks are %s; a crashed peer is lost only when its records expire",
                       self._liveness)
         self._state = "running"
-        self._spawn(self._announcer(), "announcer")
-        self._spawn(self._check_liveness(), "liveness")
+        self._tasks.spawn(self._announcer(), "announcer")
+        self._tasks.spawn(self._check_liveness(), "liveness")
         context.on_own_record_changed(self._own_record_changed)
 
     async def close(self) -> None:
@@ -343,11 +343,7 @@ class MdnsLayer:
         if self._state == "closed":
             return
         self._state = "closed"
-        tasks = [*self._tasks, *self._resolving.values()]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self._resolving.clear()
+        await self._tasks.cancel_all()
         if self._transport is not None:
             try:
                 await self._transport.close()
@@ -368,24 +364,12 @@ class MdnsLayer:
             "announced_seq": self._own.seq if self._announced is not None and self._own is not None else None,
             "peers": sum(1 for p in self._peers.values() if p.lost_at is None),
             "peers_lost": sum(1 for p in self._peers.values() if p.lost_at is not None),
-            "resolving": len(self._resolving),
+            "resolving": len(self._tasks),
             "liveness": self._liveness,
             "liveness_interval_s": self._liveness_s,
             **{k: v for k, v in sorted(self._count.items())},
             "dropped": dict(sorted(self._dropped.items())),
         }
-
-    def _spawn(self, coro, name: str) -> asyncio.Task:
-        task = asyncio.create_task(coro, name=f"mdns {name}")
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            self._count["internal_errors"] += 1
-            _log.error("%s failed", task.get_name(), exc_info=task.exception())
 
     def _drop(self, reason: str, instance: str, detail: object = "") -> None:
         first = reason not in self._dropped
@@ -473,22 +457,16 @@ class MdnsLayer:
         if kind == "removed":
             self._forget(instance, goodbye=True)
             return
-        if instance in self._resolving:
+        if instance in self._tasks:
             self._again.add(instance)  # resolve again once the running one ends
             return
-        if instance not in self._peers and len(self._peers) + len(self._resolving) >= self._max_services:
+        if instance not in self._peers and len(self._peers) + len(self._tasks) >= self._max_services:
             self._drop("too_many_services", instance)
             return
-        task = asyncio.create_task(self._resolve(instance), name=f"mdns resolve {instance[:8]}")
-        self._resolving[instance] = task
-        task.add_done_callback(lambda t, i=instance: self._resolved(i, t))
+        self._tasks.spawn_keyed(instance, self._resolve(instance), f"resolve {instance[:8]}",
+                                on_done=self._resolved)
 
-    def _resolved(self, instance: str, task: asyncio.Task) -> None:
-        if self._resolving.get(instance) is task:
-            del self._resolving[instance]
-        if not task.cancelled() and task.exception() is not None:
-            self._count["internal_errors"] += 1
-            _log.error("mdns: resolving %s failed", instance, exc_info=task.exception())
+    def _resolved(self, instance: str) -> None:
         if instance in self._again:
             self._again.discard(instance)
             self._handle_change("updated", instance)
@@ -550,9 +528,7 @@ class MdnsLayer:
         self._context.peer_seen(record, address=address)
 
     def _forget(self, instance: str, *, goodbye: bool) -> None:
-        task = self._resolving.pop(instance, None)
-        if task is not None:
-            task.cancel()
+        self._tasks.cancel(instance)
         self._again.discard(instance)
         peer = self._peers.pop(instance, None)
         if peer is not None and peer.lost_at is None:
@@ -604,7 +580,7 @@ class MdnsLayer:
                     in_flight += 1
                     peer.pinging += 1
                     peer.last_ping = now
-                    self._spawn(self._ping(peer, timeout), f"ping {instance[:8]}")
+                    self._tasks.spawn(self._ping(peer, timeout), f"ping {instance[:8]}")
 
     def _lose(self, peer: _Peer) -> None:
         peer.lost_at = time.monotonic()

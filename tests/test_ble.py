@@ -387,7 +387,7 @@ def test_resolutions_are_bounded_in_flight_rate_limited_and_not_repeated():
         for n in range(50):
             payload = BlePayload(FLAG_GATT, 0, n.to_bytes(16, "big"), 0).encode()
             radio.emit(BleSighting(f"F1:{n:04x}", -70, payload))
-            assert len(b._resolving) <= 2
+            assert len(b._tasks) <= 2  # resolutions in flight
         stats = b.stats()
         assert stats["resolve_busy"] == 48  # beyond two in flight: straight to GATT
         await eventually(lambda: b.stats()["resolving"] == 0, "the two resolutions")

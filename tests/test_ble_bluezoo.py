@@ -227,7 +227,7 @@ def test_after_bluez_restarts_both_layers_register_again_and_b_sees_a_again(lab)
             for layer in (a, b):
                 stats = layer.stats()
                 assert stats["restarts"] >= 1 and stats["bluez"] == "available", stats
-                assert stats.get("internal_errors", 0) == 0 and len(layer._tasks) <= 4
+                assert stats.get("internal_errors", 0) == 0 and layer._tasks.background_count <= 4
             assert a.stats()["advertising"] and a.stats()["serving_record"]
         finally:
             await a.close()
