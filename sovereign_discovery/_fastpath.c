@@ -1,9 +1,9 @@
 /* The serving fast path in C: session ciphers and a responder that answers PING and FIND_NODE in
  * established sessions straight from the socket.
  *
- * The executable specification is _fastpath_py.py: the same classes and functions, the same
- * argument checks, the same bytes out and the same counters (tests/test_fastpath.py runs both
- * side by side). docs/engine.md ("The serving fast path") says what the responder does and what it
+ * The executable specification is _fastpath_py.py: the same classes and functions (but
+ * use_aead: the twin calls aead.py itself), the same argument checks, the same bytes out and the
+ * same counters (tests/test_fastpath.py runs both side by side). docs/engine.md ("The serving fast path") says what the responder does and what it
  * hands back to the engine.
  *
  * - Cipher: one session's keys, send counter and replay window; seal/open a MESSAGE packet

@@ -21,10 +21,11 @@ import socket
 import struct
 
 from . import aead
+from .wire import encode_nodes_answer
 
 _log = logging.getLogger(__name__)
 
-__all__ = ["Cipher", "Responder", "REPLAYED", "MAX_BATCH", "use_aead", "recv_batch", "send_batch"]
+__all__ = ["Cipher", "Responder", "REPLAYED", "MAX_BATCH", "recv_batch", "send_batch"]
 
 MAX_BATCH = 64
 REPLAYED = object()  # Cipher.open: a counter seen before or older than the window
@@ -34,7 +35,6 @@ _MESSAGE_HEAD = 38  # magic 2, version 1, kind 1, nonce 12, authdata length 2, s
 _TAG = aead.TAG_BYTES
 _MAX_PACKET = 1280
 _MAX_SEALED_MESSAGE = _MAX_PACKET - _MESSAGE_HEAD - _TAG
-_MAX_MESSAGE = 1118  # constants.MAX_MESSAGE_BYTES
 _WINDOW_BITS = 1024  # session.REPLAY_WINDOW
 _WINDOW_MASK = (1 << _WINDOW_BITS) - 1
 _MAX_U64 = (1 << 64) - 1
@@ -44,17 +44,10 @@ _FIND_NODE_BYTES = 29  # type, request ID, target
 _HEAD = b"sd\x01\x00\x00\x00\x00\x00"  # magic, version, KIND_MESSAGE, the nonce's zero prefix
 _AUTH_LEN = b"\x00\x14"  # authdata: the 20-byte source node ID
 _U64 = struct.Struct(">Q")
-_NODES_HEAD = struct.Struct(">B8sBB")
 _MAX_SEND_RETRIES = 8
 
 COUNTER_NAMES = ("packets_in", "bytes_in", "delivered", "packets_out", "bytes_out",
                  "ping_in", "find_node_in", "pong_out", "nodes_out", "hook_errors")
-
-
-def use_aead(encrypt_address: int, decrypt_address: int) -> None:
-    """Accepted for the C module's sake; the twin calls :mod:`.aead` itself."""
-    if not encrypt_address or not decrypt_address:
-        raise ValueError("null function address")
 
 
 def _is_counter_message(d: bytes) -> bool:
@@ -306,20 +299,9 @@ class Responder:
             return None
         if type(contacts) is not list or len(contacts) > _MAX_NODES:
             return None
-        parts = [_NODES_HEAD.pack(0x04, plain[1:9], 1, len(contacts))]
-        size = _NODES_HEAD.size
-        for contact in contacts:
-            try:  # Contact.encode caches it; a zoned address raises: the engine leaves it out
-                encoded = getattr(contact, "_encoded", None)
-                if encoded is None:
-                    encoded = contact.encode()
-            except Exception:
-                return None
-            if type(encoded) is not bytes or size + len(encoded) > _MAX_MESSAGE:
-                return None
-            parts.append(encoded)
-            size += len(encoded)
-        return b"".join(parts)
+        answer = encode_nodes_answer(plain[1:9], contacts)
+        # a contact with a zoned address was left out: the engine answers (as the C module does)
+        return answer if answer[10] == len(contacts) else None
 
     def _hook_failed(self) -> None:
         """A hook raised: a bug on the Python side. Counted and reported (the C module reports it

@@ -396,13 +396,11 @@ class DhtNode:
         return await call.future
 
     def _on_datagram(self, data: bytes, source: Address) -> None:
-        engine = self._engine
-        if engine is None or self._state != "open":
-            return
-        engine.receive_datagram(data, source, self._loop.time())  # never raises
-        self._flush()
+        if self._state == "open":
+            self._engine.receive_datagram(data, source, self._loop.time())  # never raises
+            self._flush()
 
-    def _on_batched_datagram(self, data: bytes, source: Address) -> None:
+    def _on_batched_datagram(self, data: bytes, source: Address) -> None:  # flushed per batch
         if self._state == "open":
             self._engine.receive_datagram(data, source, self._loop.time())  # never raises
 
