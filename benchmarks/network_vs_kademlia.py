@@ -52,8 +52,10 @@ with ``subprocess`` and coordinated over pipes, one JSON object per line, as
    rpcudp sends every RPC). ``datagrams_per_lookup`` counts every datagram every node sent during
    the lookup phase, divided by the lookups (ours: UDP sockets' ``datagrams_out``, handshakes,
    retries, answers and liveness checks included; theirs: RPCs sent plus RPCs answered).
-   kademlia's ``get`` answers from the source's own storage without any request when the source
-   is one of the k nodes holding the value (``kademlia_local_hits``); ours always runs the lookup.
+   Both answer from the source's own storage without any request when the source is one of the
+   k nodes holding the value (``local_hits``, and ``p50_ms_without_local_hits``): kademlia's
+   ``get`` does, and ours with its default record quorum of 1 (``DhtConfig.record_quorum``: the
+   local copy is one valid record; a lookup with 0 requests is counted as a local hit).
 
 Settings (``settings`` in the output): ours runs ``DhtConfig()`` unchanged unless
 ``--rate-limit`` is given. All our nodes share one IP, 127.0.0.1; the engine gives loopback
@@ -236,6 +238,7 @@ class OursNetwork:
         elif record is not None and not ok:
             error = "different_record"
         return {"ok": ok, "found": record is not None, "ms": elapsed * 1000,
+                "local_hit": finished is not None and finished.requests == 0,
                 "requests": finished.requests if finished is not None else None,
                 "rounds": finished.rounds if finished is not None else None,
                 "source_datagrams": self._sent(node) - sent, "error": error}
@@ -765,10 +768,9 @@ class Phase:
             out["session_challenges_evicted"] = sum(a["challenges_evicted"] for a in after)
             out["requests_retried"] = sum(a["retried"] for a in after)
             out["rate_limited"] = drops.get("rate_limited", 0)
-        else:
-            out["local_hits"] = sum(bool(r.get("local_hit")) for r in results)
-            remote = [r["ms"] for r in results if not r.get("local_hit")]
-            out["p50_ms_without_local_hits"] = _percentile(remote, 50)
+        out["local_hits"] = sum(bool(r.get("local_hit")) for r in results)
+        remote = [r["ms"] for r in results if not r.get("local_hit")]
+        out["p50_ms_without_local_hits"] = _percentile(remote, 50)
         return out
 
 

@@ -317,14 +317,17 @@ class DhtNode:
             raise LookupTimeoutError(f"lookup of {target.short()}… timed out", closest=finished.closest)
         return list(finished.closest)
 
-    async def find_record(self, node_id: bytes, *, deadline_s: float | None = None) -> PeerRecord | None:
-        """The verified record of ``node_id`` with the highest ``seq`` found, or None when the
-        lookup completed without one. Raises LookupTimeoutError if the deadline cut it short
-        with no record in hand."""
+    async def find_record(self, node_id: bytes, *, deadline_s: float | None = None,
+                          quorum: int | None = None) -> PeerRecord | None:
+        """The verified record of ``node_id`` with the highest ``seq`` among the first ``quorum``
+        valid records received (``DhtConfig.record_quorum``, 1, by default; 0 = every record
+        until the lookup ends; the target's own answer ends it), or None when the lookup
+        completed without one. Raises LookupTimeoutError if the deadline cut it short with no
+        record in hand."""
         engine = self._open_engine()
         node_id = check_node_id("node_id", node_id)
         found, finished = await self._call(
-            "find_record", engine.find_record(node_id, self._now(), deadline_s=deadline_s))
+            "find_record", engine.find_record(node_id, self._now(), deadline_s=deadline_s, quorum=quorum))
         if found.record is None and finished is not None and finished.timed_out:
             raise LookupTimeoutError(f"record lookup of {node_id.short()}… timed out", closest=finished.closest)
         return found.record

@@ -48,8 +48,7 @@ no longer matters; republishing the own record and announcements at half their T
 re-replicating stored records hourly (§2.5); eviction of table contacts that fail
 ``evict_after_failures`` requests in a row; the external address from PONG votes (discv5).
 
-Not yet: disjoint-path lookups (S/Kademlia), and sending the newest record to holders of stale
-copies after FIND_VALUE.
+Not yet: disjoint-path lookups (S/Kademlia).
 """
 
 from __future__ import annotations
@@ -180,6 +179,13 @@ class DhtConfig:
     record_ttl_s: float = float(DEFAULT_RECORD_TTL_S)
     #: Overall deadline of one lookup.
     lookup_deadline_s: float = 10.0
+    #: A record lookup ends once this many peers (the node's own store counting as one) have
+    #: answered with a valid record of the target, the highest ``seq`` among them winning; 0 = run
+    #: until the k closest have answered (libp2p's ``Quorum(0)``). The target's own answer ends
+    #: it at once: it signs every seq, so nothing newer exists. 1 is Kademlia §2.3 (FIND_VALUE
+    #: halts at the first value); a stale copy can be told by the peer's PONG, which carries its
+    #: current seq (as discv5's ENR seq). ``find_record(quorum=...)`` overrides.
+    record_quorum: int = 1
     #: Outstanding requests (awaiting an answer) at most; beyond, a request is not sent.
     max_outstanding_requests: int = 1024
     #: Lookups running at most; beyond, a lookup command finishes at once with no result (counted
@@ -230,8 +236,8 @@ class DhtConfig:
         ints = {"bucket_size", "parallelism", "max_outstanding_requests", "max_lookups",
                 "max_rtt_entries", "max_rate_limited_ips", "max_replications_per_upkeep",
                 "evict_after_failures", "min_address_votes", "max_address_voters",
-                "join_refresh_buckets"}
-        may_be_zero = {"join_refresh_buckets", "liveness_recent_s"}
+                "join_refresh_buckets", "record_quorum"}
+        may_be_zero = {"join_refresh_buckets", "liveness_recent_s", "record_quorum"}
         for f in fields(self):
             name, value = f.name, getattr(self, f.name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -276,7 +282,8 @@ class _Request:
 
 class _Query:
     __slots__ = ("id", "kind", "target", "lookup", "best", "providers", "count", "capability",
-                 "pending", "stored", "record", "answered", "learned", "deadline_s")
+                 "pending", "stored", "record", "answered", "learned", "deadline_s", "quorum",
+                 "holders", "copies")
 
     def __init__(self, query_id: QueryId, kind: str, target: NodeId) -> None:
         self.id = query_id
@@ -294,6 +301,9 @@ class _Query:
         self.answered = False  # bootstrap: some contact answered
         self.learned: list[Contact] = []  # bootstrap: contacts from NODES answers
         self.deadline_s: float | None = None  # bootstrap: the self-lookup's deadline
+        self.quorum = 0  # find_record: valid records that end the lookup (0: run to the end)
+        self.holders = 0  # find_record: valid records received (the own store's included)
+        self.copies: list[tuple[Contact | None, int]] = []  # find_record: who held which seq (None: us)
 
 
 class _TokenBucket:
@@ -325,6 +335,18 @@ def _check_deadline(value: object) -> float | None:
     value = _check_now(value, "deadline_s")
     if value <= 0:
         raise ArgumentValueError(f"deadline_s must be positive, not {value}")
+    return value
+
+
+def _ignore_answer(parts: list | None, now: float) -> None:
+    """For fire-and-forget requests: their answers (or timeouts) are counted, nothing else."""
+
+
+def _check_quorum(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ArgumentTypeError(f"quorum must be an int, not {type(value).__name__}")
+    if value < 0:
+        raise ArgumentValueError(f"quorum must be >= 0 (0: run the lookup to its end), not {value}")
     return value
 
 
@@ -423,6 +445,7 @@ class DhtEngine:
         self._entered: dict[tuple[bytes, Address], float] = {}
         self._drops: dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
         self._stats_retries = 0
+        self._stats_corrected = 0  # stale record copies sent the newest after a record lookup
         names = [t.name.lower() for t in MessageType]
         self._in: dict[str, int] = dict.fromkeys(names, 0)
         self._responder = None  # the serving fast path (make_responder), if the driver uses one
@@ -499,6 +522,7 @@ class DhtEngine:
             "sessions": session["sessions"],
             "outstanding_requests": len(self._requests),
             "requests_retried": self._stats_retries,
+            "stale_copies_corrected": self._stats_corrected,
             "contacts_evicted": self._stats_evicted,
             "liveness_checks": self._liveness_stats(),
             "address_voters": len(self._votes),
@@ -676,15 +700,25 @@ class DhtEngine:
         self._start_lookup(query, now, deadline_s=deadline_s)
         return query.id
 
-    def find_record(self, node_id: bytes, now: float, *, deadline_s: float | None = None) -> QueryId:
-        """FIND_VALUE lookup of ``node_id``'s record: the highest valid ``seq`` seen. Ends with
-        :class:`LookupFinished` then :class:`RecordFound`."""
+    def find_record(self, node_id: bytes, now: float, *, deadline_s: float | None = None,
+                    quorum: int | None = None) -> QueryId:
+        """FIND_VALUE lookup of ``node_id``'s record: the highest valid ``seq`` among the first
+        ``quorum`` valid records received (``config.record_quorum`` by default; 0 = every record
+        until the lookup ends), the node's own stored copy counting as one; the target's own
+        answer ends it at once. Ends with :class:`LookupFinished` then :class:`RecordFound`."""
         node_id = check_node_id("node_id", node_id)
         now = _check_now(now)
         deadline_s = _check_deadline(deadline_s)
+        quorum = self._config.record_quorum if quorum is None else _check_quorum(quorum)
         query = self._new_query("find_record", node_id)
+        query.quorum = quorum
         query.best = self._store.get(node_id, self._unix(now))
-        self._start_lookup(query, now, deadline_s=deadline_s)
+        if query.best is not None:
+            query.holders = 1
+            query.copies.append((None, query.best.seq))
+        # A quorum met by the own store needs no request (libp2p's GetValue counts its local
+        # record; the kademlia package's get answers from its storage).
+        self._start_lookup(query, now, deadline_s=deadline_s, no_requests=0 < quorum <= query.holders)
         return query.id
 
     def find_providers(self, capability: str, now: float, count: int = DEFAULT_BUCKET_SIZE, *,
@@ -1091,12 +1125,16 @@ class DhtEngine:
         return query
 
     def _start_lookup(self, query: _Query, now: float, extra_seeds: Iterable[Contact] = (),
-                      deadline_s: float | None = None) -> None:
+                      deadline_s: float | None = None, no_requests: bool = False) -> None:
+        """Start ``query``'s lookup from the table's closest and ``extra_seeds``; with
+        ``no_requests`` (already answered locally) it has no seeds and ends at once."""
         running = sum(1 for q in self._queries.values() if q.lookup is not None and not q.lookup.finished)
         seeds = self._table.closest(query.target, self._config.bucket_size)
         known = {c.node_id for c in seeds}
         seeds += [c for c in extra_seeds if c.node_id not in known and c.node_id != self._id]
-        if running >= self._config.max_lookups:
+        if no_requests:
+            seeds = []
+        elif running >= self._config.max_lookups:
             self._drop("lookups_full", "lookup for %s not started", query.target)
             seeds = []
         if query.target != self._id:
@@ -1156,12 +1194,14 @@ class DhtEngine:
             else:
                 if query.best is None or record.seq > query.best.seq:
                     query.best = record
+                query.holders += 1
+                query.copies.append((contact, record.seq))
                 lookup.on_success(contact.node_id, (), now)
-                if contact.node_id == query.target:
+                if contact.node_id == query.target or 0 < query.quorum <= query.holders:
                     # The owner signs every seq of its record and answers with its newest: nothing
-                    # newer can be found elsewhere, so the lookup halts here (Kademlia §2.3 halts
-                    # FIND_VALUE at the first value; for mutable values only the owner's copy is
-                    # known to be the newest, cf. BEP 44's highest-seq rule).
+                    # newer can be found elsewhere. Otherwise the lookup halts at the quorum
+                    # (Kademlia §2.3 halts FIND_VALUE at the first value; for mutable values the
+                    # highest seq among the answers wins, cf. BEP 44; DhtConfig.record_quorum).
                     lookup.finish()
         else:  # PROVIDERS
             for part in parts:
@@ -1197,6 +1237,7 @@ class DhtEngine:
         kind = query.kind
         if kind == "find_record":
             self._events.append(RecordFound(query.id, query.target, query.best))
+            self._correct_stale_copies(query, now)
         elif kind == "find_providers":
             records = sorted(query.providers.values(), key=lambda r: r.node_id)[: query.count]
             self._events.append(ProvidersFound(query.id, query.capability, tuple(records)))
@@ -1246,6 +1287,21 @@ class DhtEngine:
                 query.pending += 1
         if query.pending == 0:
             self._announced(query)
+
+    def _correct_stale_copies(self, query: _Query, now: float) -> None:
+        """Send the newest record found to the holders that answered with an older seq
+        (DESIGN.md's quorum reads: stale holders corrected; libp2p's GetValue does the same).
+        Fire and forget: their answers are counted like any STORE_RESULT."""
+        best = query.best
+        for contact, seq in query.copies:
+            if seq >= best.seq:
+                continue
+            if contact is None:  # the own store's copy
+                self._store.put(query.target, best, None, self._unix(now))
+                self._stats_corrected += 1
+            elif self._request(contact, Store(self._request_id(), query.target, best.encoded),
+                                 (StoreResult,), now, _ignore_answer, self.rto(contact.node_id)):
+                    self._stats_corrected += 1
 
     def _on_store_answer(self, query_id: QueryId, parts: list | None, now: float) -> None:
         query = self._queries.get(query_id)

@@ -205,7 +205,7 @@ def test_engines_with_simulated_sessions_find_a_record_and_report_rounds_to_targ
     for engine in engines:
         engine.events()
     target = engines[17]
-    query = net.call(addresses[3], lambda e, now: e.find_record(target.node_id, now))
+    query = net.call(addresses[3], lambda e, now: e.find_record(target.node_id, now, quorum=0))
     net.run_until(net.now + 20.0)
     events = [e for e in engines[3].events() if getattr(e, "query", None) == query]
     finished = next(e for e in events if isinstance(e, LookupFinished))

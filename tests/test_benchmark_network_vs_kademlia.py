@@ -96,14 +96,15 @@ def test_small_network_reports_both_and_is_consistent():
     assert ours["announce_median_stored_at"] >= 1
     assert ours["rate_limited"] == 0  # the default limits refuse nothing here (settings say so)
     assert row["settings"]["ours_dht_config_changed"] == {}
-    # a FIND_VALUE lookup of ours asks the k closest it reaches: the whole table of 23 at most
-    assert NODES - 1 >= ours["requests_per_lookup_median"] >= 1
+    # a record lookup of ours asks at most the k closest it reaches: the whole table of 23
+    assert NODES - 1 >= ours["requests_per_lookup_median"] >= 0
     assert ours["messages_per_lookup"]["find_value"] == pytest.approx(
         ours["requests_per_lookup_mean"], rel=1e-2)
-    # kademlia's get stops at the first value; with k = 20 of 24 nodes holding each value many
-    # lookups are answered from the source's own storage, with no request at all
-    assert kad["local_hits"] >= 1
-    assert kad["requests_per_lookup_mean"] < ours["requests_per_lookup_mean"]
+    # both stop at the first valid value (ours: record quorum 1); with k = 20 of 24 nodes holding
+    # each value many lookups are answered from the source's own storage, with no request at all
+    for phase in (ours, kad):
+        assert LOOKUPS >= phase["local_hits"] >= 1
+        assert phase["p50_ms_without_local_hits"] is None or phase["p50_ms_without_local_hits"] > 0
     assert set(row["targets"]) == {"p50_ratio", "ours_success", "ours_bytes_per_node_vs_kademlia"}
     for name, target in row["targets"].items():
         assert target["met"] in (True, False), name

@@ -203,6 +203,52 @@ def test_store_and_find_value_round_trip():
     assert found.record.seq == b.own_record.seq
 
 
+def test_record_quorum_local_copy_counts_and_stale_copies_are_corrected():
+    hand, a, b, c = trio()
+    owner = hand.add(Client(60), D)  # signs two seqs: the old one stored at A and C, the new at B
+    old, new = (PeerRecord.create(owner.identity, addresses=[D], seq=seq, expires_at=int(EPOCH) + 600)
+                for seq in (1, 2))
+    key = owner.identity.node_id
+    for engine, address, record in ((a, A, old), (c, C, old), (b, B, new)):
+        owner.send(engine.contact(address), Store(b"\x10" * 8, key, record.encoded), 1.0)
+    hand.pump(1.0)
+    assert [m.status for m in owner.take()] == [StoreStatus.STORED] * 3
+    c.events()
+
+    def lookup(**kwargs):
+        query = c.find_record(key, 2.0, **kwargs)
+        hand.pump(2.0)
+        for _ in range(3):  # the owner, in C's table since its STORE, holds no copy to give
+            for peer, message in owner.inbox:
+                assert isinstance(message, FindValue)
+                owner.send(peer, Nodes(message.request_id, 1, ()), 2.0)
+            owner.inbox.clear()
+            hand.pump(2.0)
+        events = c.events()
+        [finished] = of_type(events, LookupFinished)
+        [found] = of_type(events, RecordFound)
+        assert finished.query == found.query == query
+        return found.record.seq, finished.requests
+
+    # Quorum 1 (the default): C's own copy is the one answer needed, no request is sent.
+    assert c.config.record_quorum == 1
+    assert lookup() == (1, 0)
+    assert c.stats()["stale_copies_corrected"] == 0
+    # Quorum 3: A, B and the owner asked (α = 3); B's newer copy wins over C's and A's, and both
+    # stale copies are corrected: A by a STORE, C's own store directly.
+    assert lookup(quorum=3) == (2, 3)
+    assert c.stats()["stale_copies_corrected"] == 2
+    assert a.store.get(key, EPOCH + 2).seq == c.store.get(key, EPOCH + 2).seq == 2
+    # Now the own copy is the newest; quorum 0 runs to the end, nothing is stale any more.
+    assert lookup() == (2, 0)
+    assert lookup(quorum=0) == (2, 3)
+    assert c.stats()["stale_copies_corrected"] == 2
+    with pytest.raises(ArgumentValueError, match="quorum"):
+        c.find_record(key, 2.0, quorum=-1)
+    with pytest.raises(ArgumentTypeError, match="quorum"):
+        c.find_record(key, 2.0, quorum=True)
+
+
 def test_value_served_to_a_client_and_nodes_when_missing():
     hand, a, b, c = trio()
     b.announce_record(1.0)
@@ -464,6 +510,9 @@ def test_config_validation_names_the_setting():
         DhtConfig(rate_per_ip_per_s=float("nan"))
     with pytest.raises(ArgumentTypeError, match="max_outstanding_requests"):
         DhtConfig(max_outstanding_requests=True)
+    with pytest.raises(ArgumentValueError, match="record_quorum"):
+        DhtConfig(record_quorum=-1)
+    assert DhtConfig(record_quorum=0).record_quorum == 0  # 0: run record lookups to their end
 
 
 def test_rto_adapts_and_is_clamped():
