@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
+import ipaddress
 import json
 import logging
 import signal
@@ -22,7 +24,7 @@ from collections.abc import Sequence
 from .aio import DhtNode
 from .bootstrap import BootstrapLayer
 from .config import BootstrapConfig, Config, ConfigError
-from .errors import SovereignDiscoveryError
+from .errors import LookupTimeoutError, SovereignDiscoveryError
 from .identity import Identity, encode_public_key
 from .keys import NodeId
 from .records import PeerRecord, check_capability
@@ -152,7 +154,10 @@ async def _lookup(args: argparse.Namespace) -> int:
     node, _ = await _joined_node(args)
     try:
         record = await node.find_record(args.node_id, deadline_s=args.timeout)
-    except SovereignDiscoveryError as exc:  # LookupTimeoutError
+    except LookupTimeoutError:
+        raise _Fail(f"no record of node {args.node_id} found within {args.timeout:g} s (the lookup timed out)",
+                    EXIT_NOT_FOUND) from None
+    except SovereignDiscoveryError as exc:
         raise _Fail(f"lookup of {args.node_id} failed: {exc}", EXIT_NOT_FOUND) from None
     finally:
         await node.close()
@@ -166,6 +171,9 @@ async def _find(args: argparse.Namespace) -> int:
     node, _ = await _joined_node(args)
     try:
         records = await node.find_providers(args.capability, count=args.count, deadline_s=args.timeout)
+    except LookupTimeoutError:
+        raise _Fail(f"no provider of {args.capability!r} found within {args.timeout:g} s (the lookup timed out)",
+                    EXIT_NOT_FOUND) from None
     except SovereignDiscoveryError as exc:
         raise _Fail(f"provider lookup of {args.capability!r} failed: {exc}", EXIT_NOT_FOUND) from None
     finally:
@@ -176,7 +184,9 @@ async def _find(args: argparse.Namespace) -> int:
         print(f"{len(records)} provider(s) of {args.capability!r}")
         for record in records:
             print(_record_text(record))
-    return 0 if records else EXIT_NOT_FOUND
+    if not records:
+        raise _Fail(f"no provider of {args.capability!r} found", EXIT_NOT_FOUND)
+    return 0
 
 
 # --- node ----------------------------------------------------------------------------------------------
@@ -327,36 +337,49 @@ def _http_address(text: str):
 
 
 def _listen(text: str) -> str:
+    """``IP:PORT`` or ``[IPv6]:PORT`` (names are not resolved: a node binds an address)."""
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isascii() or not port.isdigit() or int(port) > 65535:
         raise argparse.ArgumentTypeError(f"must look like HOST:PORT or [HOST]:PORT, not {text!r}")
+    try:
+        ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{host!r} is not an IP address (names are not resolved)") from None
     return text
+
+
+def _add_log_level(parser: argparse.ArgumentParser, default: object) -> None:
+    parser.add_argument("--log-level", default=default, type=str.upper,
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+                        help="logging level on stderr (node: node.log_level of the configuration, INFO;"
+                             " the other commands: WARNING)")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sovereign-discovery",
         description="Decentralised peer discovery: keys, lookups and providers on the DHT.")
-    parser.add_argument("--log-level", default=None, type=str.upper,
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
-                        help="logging level on stderr (node: node.log_level of the configuration, INFO;"
-                             " the other commands: WARNING)")
+    _add_log_level(parser, None)
+    # The same flag after the subcommand; SUPPRESS keeps a value given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    _add_log_level(common, argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_parser = functools.partial(sub.add_parser, parents=[common])
 
-    p = sub.add_parser("keygen", help="create a private key file (mode 0600)")
+    p = add_parser("keygen", help="create a private key file (mode 0600)")
     p.add_argument("--out", required=True, metavar="FILE", help="where to write it (never overwritten)")
     p.set_defaults(run=_keygen)
 
-    p = sub.add_parser("id", help="print the node ID and public key of a key file")
+    p = add_parser("id", help="print the node ID and public key of a key file")
     p.add_argument("--key", required=True, metavar="FILE")
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.set_defaults(run=_id)
 
-    p = sub.add_parser("node", help="run a node until SIGINT or SIGTERM (a bootstrap node: no --bootstrap)",
-                       description="Runs the coordinator: bootstrap, local and DHT layers, the peer cache "
-                                   "and the status endpoint. Prints its pinned line PUBLIC_KEY@HOST:PORT "
-                                   "first (and 'status URL' with --http). Flags override --config and "
-                                   "SOVEREIGN_* variables (docs/configuration.md).")
+    p = add_parser("node", help="run a node until SIGINT or SIGTERM (a bootstrap node: no --bootstrap)",
+                   description="Runs the coordinator: bootstrap, local and DHT layers, the peer cache "
+                               "and the status endpoint. Prints its pinned line PUBLIC_KEY@HOST:PORT "
+                               "first (and 'status URL' with --http). Flags override --config and "
+                               "SOVEREIGN_* variables (docs/configuration.md).")
     p.add_argument("--key", metavar="FILE", help="private key file (node.key_file)")
     p.add_argument("--listen", type=_listen, metavar="HOST:PORT",
                    help="UDP address to bind (dht.listen_host/listen_port; 127.0.0.1:0)")
@@ -376,7 +399,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ble", action="store_true", help="switch the Bluetooth LE layer off")
     p.set_defaults(run=_node)
 
-    p = sub.add_parser("peers", help="list the peers of a running node (its --http status endpoint)")
+    p = add_parser("peers", help="list the peers of a running node (its --http status endpoint)")
     p.add_argument("--http", required=True, type=_http_address, metavar="HOST:PORT")
     p.add_argument("--capability", type=_capability, metavar="NAME", help="only providers of NAME")
     p.add_argument("--source", choices=["bootstrap", "cache", "dht", "mdns", "ble"],
@@ -387,12 +410,12 @@ def _parser() -> argparse.ArgumentParser:
 
     for name, helptext in (("lookup", "find a node's verified record by node ID"),
                            ("find", "find verified providers of a capability")):
-        p = sub.add_parser(name, help=helptext)
+        p = add_parser(name, help=helptext)
         if name == "lookup":
             p.add_argument("node_id", type=_node_id, metavar="NODE_ID")
         else:
             p.add_argument("--capability", required=True, type=_capability, metavar="NAME")
-            p.add_argument("--count", type=_count, default=20, help="at most this many (20)")
+            p.add_argument("--count", type=_count, default=20, metavar="N", help="at most this many (20)")
         p.add_argument("--bootstrap", required=True, action="append", type=_contact,
                        metavar="PK@HOST:PORT", help="a pinned bootstrap peer (repeatable)")
         p.add_argument("--listen", type=_listen, default="0.0.0.0:0", metavar="HOST:PORT",

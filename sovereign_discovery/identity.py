@@ -231,7 +231,13 @@ class Identity:
         finally:
             os.close(fd)
         try:
-            header, encoded = data.decode("ascii").split()
+            try:
+                parts = data.decode("ascii").split()
+            except UnicodeDecodeError:
+                raise ValueError("not ASCII text") from None
+            if len(parts) != 2:
+                raise ValueError(f"expected the line {KEY_FILE_HEADER} and a base32 seed")
+            header, encoded = parts
             if header != KEY_FILE_HEADER:
                 raise ValueError("wrong header")
             seed = base64.b32decode(encoded.upper() + "====")

@@ -34,10 +34,12 @@ first of each kind at ERROR); the server keeps serving.
 from __future__ import annotations
 
 import asyncio
+import errno
 import http.client
 import ipaddress
 import json
 import logging
+import os
 import re
 import time
 import urllib.error
@@ -182,8 +184,13 @@ class StatusServer:
                 self._server = await asyncio.start_server(self._serve, self._host, self._port,
                                                           limit=MAX_REQUEST_LINE_BYTES)
             except OSError as exc:
-                raise EndpointError(exc.errno, f"status endpoint cannot listen on "
-                                    f"{_show(self._host, self._port)}: {exc.strerror or exc}") from exc
+                # One line as the UDP endpoint words it (no "[Errno 98]", no asyncio's long
+                # strerror); the errno stays available to code.
+                reason = "address already in use" if exc.errno == errno.EADDRINUSE else (
+                    os.strerror(exc.errno) if exc.errno else str(exc))
+                error = EndpointError(f"status endpoint cannot listen on {_show(self._host, self._port)}: {reason}")
+                error.errno = exc.errno
+                raise error from exc
             if not _is_loopback(self._host):
                 _log.warning("status endpoint on %s is reachable from the network: it reveals your "
                              "peers (docs/status-endpoint.md)", _show(*self.bound))

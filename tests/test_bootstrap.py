@@ -80,8 +80,18 @@ def test_two_good_peers_answer_in_parallel_and_the_handover_fills_the_table():
         async with network(5) as nodes, DhtNode(Identity.generate()) as me:
             a, b = nodes[0], nodes[1]
             events = []
+            lookups = []
+            find_closest = me.find_closest
+
+            async def recording_find_closest(target, **kwargs):
+                lookups.append((bytes(target), len(me.engine.table)))
+                return await find_closest(target, **kwargs)
+
+            me.find_closest = recording_find_closest
             layer = BootstrapLayer(me, config([a.contact, b.contact]), on_event=events.append)
             finished = await layer.run()
+            # The handover is one self-lookup, started once the bootstrap peers were in the table.
+            assert len(lookups) == 1 and lookups[0][0] == bytes(me.node_id) and lookups[0][1] >= 2
             assert isinstance(finished, BootstrapFinished) and finished.ok
             assert set(finished.answered) == {a.contact, b.contact}
             assert finished.rejected == () and finished.unreachable == ()

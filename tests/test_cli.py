@@ -11,6 +11,7 @@ import sys
 import pytest
 
 import sovereign_discovery as sd
+from sovereign_discovery.cli import main as cli_main
 
 from .test_examples import EXAMPLES, ROOT, _env, _first_line
 
@@ -34,7 +35,7 @@ def test_keygen_then_id(tmp_path):
     made = cli("keygen", "--out", str(key))
     assert made.returncode == 0, made.stderr
     identity = sd.Identity.load(key)
-    shown = cli("id", "--key", str(key), "--json")
+    shown = cli("id", "--key", str(key), "--json", "--log-level", "debug")  # the flag after the command too
     assert json.loads(shown.stdout) == {"node_id": str(identity.node_id),
                                         "public_key": sd.encode_public_key(identity.public_key)}
     assert str(identity.node_id) in cli("id", "--key", str(key)).stdout
@@ -64,11 +65,22 @@ VALID = sd.Contact(sd.Identity.generate().public_key, sd.Address("127.0.0.1", 1)
     (["find", "--capability", "relay", "--count", "0", "--bootstrap", VALID], "--count"),
     (["lookup", "a" * 32, "--bootstrap", VALID, "--timeout", "-1"], "--timeout"),
     (["lookup", "a" * 32, "--bootstrap", VALID, "--listen", "nowhere"], "--listen"),
+    (["find", "--capability", "relay", "--bootstrap", VALID, "--listen", "nowhere.example:0"], "--listen"),
+    (["id", "--key", "k.key", "--log-level", "LOUD"], "--log-level"),
 ])
 def test_bad_arguments_give_a_usage_line(args, mentions):
     result = cli(*args)
     assert result.returncode == 2
     assert mentions in one_line_error(result)
+
+
+def test_the_console_script_is_declared_and_points_at_main():
+    import importlib
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["scripts"]
+    module, _, function = scripts["sovereign-discovery"].partition(":")
+    assert getattr(importlib.import_module(module), function) is cli_main
 
 
 def test_help_everywhere():

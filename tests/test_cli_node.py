@@ -40,6 +40,8 @@ class NodeProcess:
                                         env=_env(), cwd=ROOT)
         self.pinned = _first_line(self.process, 30)
         assert "@" in self.pinned, self.finish()
+        # The first line pins this node's own key at the address it bound.
+        assert sd.Contact.parse(self.pinned).public_key == self.identity.public_key, self.pinned
         self.http = None
         if http:
             status = _first_line(self.process, 10)
@@ -86,6 +88,18 @@ class NodeProcess:
             self.process.communicate()
 
 
+def metric_samples(http: tuple[str, int]) -> dict:
+    """``GET /metrics`` parsed by prometheus_client: {(name, sorted labels): value}."""
+    from urllib.request import urlopen
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urlopen("http://%s:%d/metrics" % http, timeout=5) as answer:
+        text = answer.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
 @pytest.fixture
 def nodes():
     started: list[NodeProcess] = []
@@ -120,12 +134,23 @@ def test_nodes_find_each_others_records_and_providers_through_a_bootstrap_node(t
                     "--json")
     assert providers.returncode == 0, providers.stderr
     assert {p["node_id"] for p in json.loads(providers.stdout)} == {m.node_id for m in members}
+    # A capability nobody offers: one line and exit status 3, whether the lookup completed empty or
+    # ran into its deadline (the short-lived nodes above are gone but still in some tables).
+    nobody = cli("find", "--capability", "nobody-offers-this", "--bootstrap", boot.pinned, "--listen",
+                 "127.0.0.1:0", "--timeout", "1")
+    assert nobody.returncode == 3 and "no provider of 'nobody-offers-this' found" in one_line_error(nobody), nobody
     listed = cli("peers", "--http", "%s:%d" % members[0].http)
     assert listed.returncode == 0 and members[1].node_id[:8] in listed.stdout
     as_json = cli("peers", "--http", "%s:%d" % members[0].http, "--json", "--source", "bootstrap")
     assert [p["node_id"] for p in json.loads(as_json.stdout)] == [boot.node_id]
     stats = fetch_json(*members[0].http, "/stats")
     assert stats["peers"] == 3 and stats["bootstrap"]["answered"] == 1
+    # GET /metrics renders the real coordinator's stats (not only a test double's) for Prometheus.
+    metrics = metric_samples(members[0].http)
+    assert metrics[("sovereign_discovery_up", ())] == 1
+    assert metrics[("sovereign_discovery_peers", ())] == 3
+    assert metrics[("sovereign_discovery_peers_by_source", (("source", "bootstrap"),))] == 1
+    assert fetch_json(*members[0].http, "/healthz")["ok"] is True
 
 
 def test_a_wrong_pinned_key_is_refused_and_nothing_from_that_peer_is_trusted(tmp_path, nodes):
@@ -216,13 +241,19 @@ def test_peers_from_a_node_that_does_not_answer_is_one_line():
 
 
 def test_a_port_in_use_is_one_line(tmp_path, nodes):
-    first = NodeProcess(tmp_path, "first", http=False)
+    first = NodeProcess(tmp_path, "first")
     nodes.append(first)
     key = tmp_path / "second.key"
     sd.Identity.generate().save(key)
     taken = sd.Contact.parse(first.pinned).address
     result = cli("node", "--key", str(key), "--listen", f"127.0.0.1:{taken.port}", "--no-mdns", "--no-ble")
     assert result.returncode == 1 and str(taken.port) in one_line_error(result)
+    # The status endpoint's port taken (the UDP one free): the same kind of line, after a clean stop.
+    result = cli("node", "--key", str(key), "--listen", "127.0.0.1:0", "--no-mdns", "--no-ble",
+                 "--http", "%s:%d" % first.http)
+    assert result.returncode == 1
+    assert one_line_error(result) == ("sovereign-discovery node: status endpoint cannot listen on "
+                                      "%s:%d: address already in use" % first.http)
 
 
 def test_a_corrupt_cache_is_set_aside_with_a_clear_message_and_never_trusted(tmp_path, nodes):

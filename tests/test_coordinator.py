@@ -158,14 +158,19 @@ def test_a_wrong_pinned_key_is_refused_reported_and_nothing_from_it_enters():
         async with PeerDiscoveryCoordinator(Identity.generate(), config=config()) as real:
             impostor = Contact(Identity.generate().public_key, real.node.address)
             events: list = []
-            async with PeerDiscoveryCoordinator(Identity.generate(), config=config(impostor.pinned),
-                                                on_event=events.append) as node:
+            node = PeerDiscoveryCoordinator(Identity.generate(), config=config(impostor.pinned),
+                                            on_event=events.append)
+            stream = node.events()
+            async with node:
                 assert not await node.joined(10)
                 rejected = [e for e in events if isinstance(e, BootstrapRejected)]
                 assert [e.contact for e in rejected] == [impostor]
                 assert node.peers() == [] and len(node.node.engine.table) == 0
                 bootstrap = node.stats()["bootstrap"]
                 assert (bootstrap["answered"], bootstrap["rejected"], bootstrap["unreachable"]) == (0, 1, 0)
+            # The async iterator got the same refusals as the callback (rejoin attempts included).
+            assert [e async for e in stream if isinstance(e, BootstrapRejected)] == \
+                [e for e in events if isinstance(e, BootstrapRejected)]
 
     run(main())
 
@@ -290,12 +295,30 @@ def test_a_ble_sighting_without_an_ip_path_is_reported_with_its_rssi():
         other = Identity.generate()
         record = PeerRecord.create(other, addresses=[Address("192.0.2.9", 9)], seq=1,
                                    expires_at=int(time.time()) + 600)
-        async with PeerDiscoveryCoordinator(Identity.generate(), config=config(local=LocalConfig()),
-                                            local_layers=[layer]) as node:
+        remote = Identity.generate()
+        remote_record = PeerRecord.create(remote, addresses=[Address("192.0.2.10", 9)], seq=1,
+                                          expires_at=int(time.time()) + 600)
+        called: list = []
+        node = PeerDiscoveryCoordinator(Identity.generate(), config=config(local=LocalConfig()),
+                                        local_layers=[layer], on_event=called.append)
+        stream = node.events()
+        async with node:
             await eventually(lambda: layer.context is not None, "the layer to start")
             layer.context.peer_seen(record, rssi=-42, check_reachable=False)
             await eventually(lambda: node.peer(other.node_id) is not None, "the BLE peer")
             assert node.peer(other.node_id).rssi == -42 and node.peers(source="ble")[0].node_id == other.node_id
+            # A remote peer seen later still comes after the local one (local peers are preferred).
+            node._observe(remote_record, "dht")
+            assert node.peer(remote.node_id).last_seen >= node.peer(other.node_id).last_seen
+            assert [p.node_id for p in node.peers()] == [other.node_id, remote.node_id]
+            assert [p.node_id for p in await node.find_peers(count=1)] == [other.node_id]
+            # Its only layer says it is gone: the peer is lost, told to callbacks and iterators alike.
+            layer.context.peer_gone(other.node_id)
+            assert node.peer(other.node_id) is None
+        lost = [e for e in called if isinstance(e, PeerLost)]
+        assert [(e.peer.node_id, e.reason) for e in lost] == [(other.node_id, "gone")]
+        assert [e async for e in stream if isinstance(e, PeerLost)] == lost
+        assert any(isinstance(e, PeerDiscovered) and e.source == "ble" for e in called)
 
     run(main())
 
