@@ -8,7 +8,7 @@ Shape::
       bootstrap  BootstrapConfig  enabled, peers, fallback_peers, timeout_s, retries, backoff_*, jitter
       local      LocalConfig      mdns, bluetooth, scan_interval_s, service_name, mdns_interfaces,
                                   ble_adapter, rotating_token, token_rotation_s
-      dht        DhtSettings      k, alpha, record_ttl_s, lookup_timeout_s, listen_host, listen_port,
+      dht        DhtSettings      k, alpha, record_ttl_s, lookup_timeout_s, record_quorum, listen_host, listen_port,
                                   advertised_address  (DhtSettings.to_dht_config() -> DhtConfig)
 
 Every setting has one dotted name (``dht.k``), which is its TOML key (``k`` in the ``[dht]``
@@ -729,6 +729,10 @@ class DhtSettings:
         "Lifetime of the node's own signed record; it is republished at half of it. At most a "
         "week: peers refuse records that claim to live longer."))
     lookup_timeout_s: float = _setting(10.0, _SECONDS, "Overall deadline of one lookup.")
+    record_quorum: int = _setting(1, _Int(0, MAX_BUCKET_SIZE), (
+        "A record lookup ends once this many valid records are in hand (the node's own stored "
+        "copy counting as one), the highest seq winning; the owner's own answer ends it at once. "
+        "1: the first valid record (Kademlia §2.3); 0: run until the k closest have answered."))
     listen_host: tuple[str, ...] = _setting(("127.0.0.1",), _List(
         _ip_item, str, "IP address, or list of at most one IPv4 and one IPv6 address",
         check_all=_check_listen_hosts, single_str=True), (
@@ -745,12 +749,13 @@ class DhtSettings:
 
     def to_dht_config(self, base: DhtConfig | None = None) -> DhtConfig:
         """The engine's :class:`~sovereign_discovery.node.DhtConfig`: ``base`` (default
-        ``DhtConfig()``) with bucket_size = k, parallelism = alpha, record_ttl_s and
-        lookup_deadline_s = lookup_timeout_s."""
+        ``DhtConfig()``) with bucket_size = k, parallelism = alpha, record_ttl_s,
+        lookup_deadline_s = lookup_timeout_s and record_quorum."""
         if base is not None and not isinstance(base, DhtConfig):
             raise ArgumentTypeError(f"base must be a DhtConfig, not {type(base).__name__}")
         return replace(base or DhtConfig(), bucket_size=self.k, parallelism=self.alpha,
-                       record_ttl_s=self.record_ttl_s, lookup_deadline_s=self.lookup_timeout_s)
+                       record_ttl_s=self.record_ttl_s, lookup_deadline_s=self.lookup_timeout_s,
+                       record_quorum=self.record_quorum)
 
     def dht_node_kwargs(self, base: DhtConfig | None = None) -> dict[str, object]:
         """Keyword arguments for :class:`~sovereign_discovery.aio.DhtNode`: ``host``, ``port``,

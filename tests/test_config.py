@@ -85,9 +85,10 @@ def test_defaults_match_the_engine_defaults():
 
 
 def test_to_dht_config_maps_the_settings():
-    dht = DhtSettings(k=8, alpha=2, record_ttl_s=600, lookup_timeout_s=3)
+    dht = DhtSettings(k=8, alpha=2, record_ttl_s=600, lookup_timeout_s=3, record_quorum=0)
     engine = dht.to_dht_config()
-    assert (engine.bucket_size, engine.parallelism, engine.record_ttl_s, engine.lookup_deadline_s) == (8, 2, 600.0, 3.0)
+    assert (engine.bucket_size, engine.parallelism, engine.record_ttl_s, engine.lookup_deadline_s,
+            engine.record_quorum) == (8, 2, 600.0, 3.0, 0)
     base = DhtConfig(max_lookups=7, bucket_size=30)
     engine = dht.to_dht_config(base)
     assert engine.max_lookups == 7 and engine.bucket_size == 8
