@@ -402,7 +402,7 @@ class DhtEngine:
         self._timer_seq = 0
         #: request ID -> ((peer ID, address), drop reason, forget at) of requests recently
         #: finished, oldest first: bounded in count and kept only _DONE_KEEP_S past the deadline
-        self._done: OrderedDict[bytes, tuple[tuple[bytes, Address], str, float]] = OrderedDict()
+        self._done: OrderedDict[bytes, tuple[Contact, str, float]] = OrderedDict()
         self._queries: dict[QueryId, _Query] = {}
         self._next_query = 1
         #: node ID -> complex(srtt, rttvar): one 32-byte object per peer, not a list and two floats
@@ -916,7 +916,7 @@ class DhtEngine:
         request = self._requests.get(message.request_id)
         if request is None:
             done = self._done.get(message.request_id)
-            if done is not None and done[0] == (peer.node_id, peer.address):
+            if done is not None and done[0].node_id == peer.node_id and done[0].address == peer.address:
                 self._drop(done[1], "%s from %s", message.TYPE.name, peer)
                 return
         if (request is None or request.peer.node_id != peer.node_id
@@ -1036,8 +1036,7 @@ class DhtEngine:
         self._forget_done(request.sent_at)  # now >= sent_at: whatever expired by then goes
         while len(done) >= self._config.max_outstanding_requests:
             done.popitem(last=False)
-        done[request.request_id] = ((request.peer.node_id, request.peer.address), reason,
-                                    request.deadline + _DONE_KEEP_S)
+        done[request.request_id] = (request.peer, reason, request.deadline + _DONE_KEEP_S)
 
     def _forget_done(self, now: float) -> None:
         """Drop the finished requests remembered long enough (oldest first; entries finish in
