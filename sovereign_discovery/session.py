@@ -42,7 +42,7 @@ import hmac
 import logging
 import os
 import struct
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
@@ -212,6 +212,11 @@ class Received(NamedTuple):
     outgoing: tuple[Outgoing, ...]
 
 
+#: Every counter :attr:`SessionLayer.stats` reports besides the table sizes.
+STAT_NAMES = ("packets_in", "bytes_in", "packets_out", "bytes_out", "delivered", "handshakes_initiated",
+              "handshakes_completed", "handshakes_crossed", "sessions_unconfirmed", "sessions_idle",
+              "pending_dropped", "sessions_evicted", "challenges_evicted", *DROP_REASONS)
+
 _NOTHING = Received((), ())
 
 
@@ -372,10 +377,8 @@ class SessionLayer:
         self._unvalidated: OrderedDict[Address, list[int]] = OrderedDict()  # [received, sent]
         #: the serving fast path's responder (attach_responder), which holds an index of sessions
         self._responder = None
-        self._stats: dict[str, int] = dict.fromkeys(
-            ("packets_in", "bytes_in", "packets_out", "bytes_out", "delivered", "handshakes_initiated",
-             "handshakes_completed", "handshakes_crossed", "sessions_unconfirmed", "sessions_idle", "pending_dropped", "sessions_evicted", "challenges_evicted",
-             *DROP_REASONS), 0)
+        #: counters, each created on its first count (most of them stay 0): ``stats`` shows all
+        self._stats: Counter[str] = Counter()
 
     # --- public API -----------------------------------------------------------------------------
 
@@ -391,7 +394,8 @@ class SessionLayer:
     def stats(self) -> dict[str, int]:
         """Counters (packets/bytes in and out, each drop reason, …) and current table sizes;
         what the fast path's responder did in these sessions is included."""
-        out = dict(self._stats)
+        out = dict.fromkeys(STAT_NAMES, 0)
+        out.update(self._stats)
         if self._responder is not None:
             fast = self._responder.counters()
             for name in ("packets_in", "bytes_in", "delivered", "packets_out", "bytes_out"):
