@@ -22,9 +22,10 @@ Decisions beyond ``docs/protocol.md``:
   (the address-validation token of RFC 9000 §8.1).
 - A WHOAREYOU answering one of the last 16 session MESSAGEs we sent to an address (the peer lost
   its session, e.g. restarted, or dropped it as idle or least recently used) is accepted too: we
-  re-handshake carrying the last message again. An answer the serving fast path sent is not kept
-  for this (the peer retries its request), so such a re-handshake may carry an empty message,
-  which installs the session and delivers nothing.
+  re-handshake carrying the last message again. Only a message of at most 64 bytes (a request
+  without a record) is kept for this, and not an answer of the serving fast path: the sender of
+  anything else retries it. Such a re-handshake carries an empty message, which installs the
+  session and delivers nothing.
 - Sessions are dropped after ``session_idle_s`` without use (10 min) and beyond ``max_sessions``
   (1,000, least recently used): see :class:`SessionLimits` for where the defaults come from.
 - One live challenge per (node ID, address), as sigp/discv5's handler does: while it lives, a
@@ -323,6 +324,15 @@ class _Pending:
 
 
 _MAX_RANDOM_NONCES = 4  # random packets remembered per pending peer
+#: The last message sent in a session is kept for a re-handshake only up to this size: requests
+#: without a record (PING, FIND_NODE, FIND_VALUE: 17-29 bytes) are; answers (NODES ~1 KB) and
+#: records are not, and go through again when their sender retries. Keeping every last message
+#: cost up to 1.1 KB per session.
+_MAX_KEPT_MESSAGE_BYTES = 64
+
+
+def _kept(message: bytes) -> bytes:
+    return message if len(message) <= _MAX_KEPT_MESSAGE_BYTES else b""
 #: A WHOAREYOU answering one of the last this-many MESSAGEs sent in a session means the peer lost
 #: it (restarted): re-handshake, carrying the last message again (earlier ones are the sender's
 #: to retry).
@@ -678,7 +688,7 @@ class SessionLayer:
         unconfirmed[(id_b, peer.address)] = now
         while len(unconfirmed) > self._limits.max_sessions:
             unconfirmed.popitem(last=False)
-        session.last_message = first  # carried again if the peer answers a later MESSAGE with WHOAREYOU
+        session.last_message = _kept(first)  # carried again if the peer answers a later MESSAGE with WHOAREYOU
         self._install((id_b, peer.address), session)
         self._stats["handshakes_initiated"] += 1
         outgoing = [self._out(peer.address, packet)]
@@ -742,7 +752,7 @@ class SessionLayer:
 
     def _seal(self, session: _Session, message: bytes) -> Outgoing:
         packet = session.cipher.seal(self._id, message)
-        session.last_message = message
+        session.last_message = _kept(message)
         address = session.peer.address
         stats = self._stats
         stats["packets_out"] += 1

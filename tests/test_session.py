@@ -427,21 +427,22 @@ def test_the_session_table_is_bounded_and_an_evicted_peer_reconnects():
     assert b.stats["sessions"] == 2
 
 
-def test_a_rehandshake_after_an_answer_delivers_nothing_and_the_session_works(pair):
-    """An answer of the fast path is not kept (``last_message`` is empty): a WHOAREYOU to it
-    installs a new session through a HANDSHAKE carrying an empty message, delivered to nobody."""
+def test_a_rehandshake_after_a_long_message_delivers_nothing_and_the_session_works(pair):
+    """A message over 64 bytes (an answer, a record) is not kept for a re-handshake, nor is an
+    answer of the fast path: a WHOAREYOU to it installs a new session through a HANDSHAKE carrying
+    an empty message, delivered to nobody; the sender's retry goes through in the new session."""
     a_id, a, b_id, b = pair
     to_a = Contact(a_id.public_key, A_ADDR)
-    out = b.send(to_a, b"answer", 5.0)
-    b._sessions[(a_id.node_id, A_ADDR)].last_message = b""  # as the fast path leaves it
+    assert len(b.send(to_a, b"k" * 64, 4.0)) == 1  # kept, then replaced by the next one
+    out = b.send(to_a, b"n" * 65, 5.0)
     a2 = layer(a_id, 77)  # A lost the session
     _, challenge = deliver(a2, out, B_ADDR, 5.0)
     _, hs = deliver(b, challenge, A_ADDR, 5.0)
     assert len(hs) == 1
     delivered, _ = deliver(a2, hs, B_ADDR, 5.0)
     assert delivered == [] and a2.stats["handshakes_completed"] == 1 and a2.stats["delivered"] == 0
-    got, _ = deliver(a2, b.send(to_a, b"next", 5.1), B_ADDR, 5.1)
-    assert [d.message for d in got] == [b"next"]
+    got, _ = deliver(a2, b.send(to_a, b"n" * 65, 5.1), B_ADDR, 5.1)
+    assert [d.message for d in got] == [b"n" * 65]
 
 
 def test_restarted_initiator_rehandshakes(pair):
