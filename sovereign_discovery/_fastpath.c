@@ -788,7 +788,10 @@ serve_one(Responder *self, Batch *b, int i, size_t len, double now, PyObject *it
         Py_DECREF(message);
         goto done;
     }
-    PyObject *last = PyBytes_FromStringAndSize((const char *)reply, (Py_ssize_t)rlen);
+    /* An answer is not kept for a re-handshake (session.py keeps the last message sent, to carry
+     * it again should the peer have lost the session): the peer that lost it retries its own
+     * request, and a kept NODES answer would cost ~1 KB per session. */
+    PyObject *last = PyBytes_FromStringAndSize(NULL, 0);
     if (last == NULL || PyObject_SetAttr(entry->session, str_last_message, last) < 0) {
         Py_XDECREF(last);
         result = -1;

@@ -273,7 +273,7 @@ class Responder:
             except Exception:
                 self._hook_failed()
             return True
-        session.last_message = reply
+        session.last_message = b""  # an answer is not kept for a re-handshake (see the C module)
         packet = cipher._seal(self._own_id, reply)
         answers.append((source, entry.address, packet))
         c["ping_in" if ping else "find_node_in"] += 1

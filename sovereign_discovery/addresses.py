@@ -14,7 +14,7 @@ from typing import Union
 
 from .errors import ArgumentTypeError, ArgumentValueError, DecodeError
 
-__all__ = ["Address", "IPAddress", "KIND_UDP4", "KIND_UDP6", "decode_address"]
+__all__ = ["Address", "IPAddress", "KIND_UDP4", "KIND_UDP6", "decode_address", "interned_address"]
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 
@@ -175,6 +175,44 @@ def decode_address(data: bytes, offset: int) -> tuple[Address, int]:
     problem = _raw_problem(kind, raw, port)
     if problem:
         raise DecodeError(problem)
-    address = object.__new__(Address)  # checked above: skip the constructor's second pass
-    _init(address, ipaddress.IPv4Address(raw) if kind == KIND_UDP4 else ipaddress.IPv6Address(raw), port)
+    encoded = bytes(data[offset:end])
+    address = _interned.get(encoded)
+    if address is None:
+        address = object.__new__(Address)  # checked above: skip the constructor's second pass
+        _init(address, ipaddress.IPv4Address(raw) if kind == KIND_UDP4 else ipaddress.IPv6Address(raw), port)
+        object.__setattr__(address, "_encoded", encoded)
+        _intern(encoded, address)
     return address, end
+
+
+# --- one Address object per endpoint -------------------------------------------------------------
+#
+# Every NODES answer, record and datagram source names addresses the process already holds (a
+# node's table, sessions and record store name the same few hundred peers again and again, and a
+# process hosting many nodes names them once per node). An Address is immutable, so equal ones
+# can be the same object: decoding and the UDP endpoint hand out the interned one. The table is
+# per process and bounded; when full it starts again (a miss costs one parse, nothing else).
+
+#: Addresses interned per process (by their encoding) before the table starts again.
+MAX_INTERNED_ADDRESSES = 4096
+_interned: dict[bytes, Address] = {}
+
+
+def _intern(encoded: bytes, address: Address) -> None:
+    if len(_interned) >= MAX_INTERNED_ADDRESSES:
+        _interned.clear()
+    _interned[encoded] = address
+
+
+def interned_address(address: Address) -> Address:
+    """The process's one Address equal to ``address`` (``address`` itself, now interned, if
+    there was none). A zoned IPv6 address, which has no encoding, is returned as it is."""
+    try:
+        encoded = address.encode()
+    except ArgumentValueError:
+        return address
+    held = _interned.get(encoded)
+    if held is None:
+        _intern(encoded, address)
+        return address
+    return held

@@ -55,6 +55,7 @@ from .keys import NodeId, check_node_id
 from .node import DhtConfig, DhtEngine
 from .records import PeerRecord
 from .routing import Contact
+from .session import SessionLimits
 from .udp import UdpEndpoint
 
 __all__ = ["DhtNode"]
@@ -100,7 +101,9 @@ class DhtNode:
     changes, external-address changes, lookup results) on the loop; it must not block.
     ``fast_path`` (default on) answers PING and FIND_NODE in established sessions through the
     serving fast path (:mod:`sovereign_discovery.fastpath`, docs/engine.md); off, every datagram
-    takes the engine's own path (the answers are the same).
+    takes the engine's own path (the answers are the same). ``session_limits`` sets the session
+    layer's caps and timeouts (:class:`~sovereign_discovery.session.SessionLimits`: 1,000
+    sessions, dropped after 10 min idle, by default).
     """
 
     def __init__(
@@ -113,6 +116,7 @@ class DhtNode:
         advertised_address: Address | None = None,
         on_event: Callable[[Event], None] | None = None,
         fast_path: bool = True,
+        session_limits: SessionLimits | None = None,
     ) -> None:
         if not isinstance(identity, Identity):
             raise ArgumentTypeError(f"identity must be an Identity, not {type(identity).__name__}")
@@ -140,6 +144,9 @@ class DhtNode:
             raise ArgumentTypeError("on_event must be callable")
         if not isinstance(fast_path, bool):
             raise ArgumentTypeError(f"fast_path must be a bool, not {type(fast_path).__name__}")
+        if session_limits is not None and not isinstance(session_limits, SessionLimits):
+            raise ArgumentTypeError(
+                f"session_limits must be a SessionLimits, not {type(session_limits).__name__}")
         self._identity = identity
         self._hosts = hosts
         self._port = port
@@ -147,6 +154,7 @@ class DhtNode:
         self._advertised = advertised_address
         self._on_event = on_event
         self._fast_path = fast_path
+        self._session_limits = session_limits
         self._engine: DhtEngine | None = None
         self._endpoints: dict[int, UdpEndpoint] = {}  # IP version -> endpoint
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -180,7 +188,7 @@ class DhtNode:
         self._engine = DhtEngine(self._identity, config=self._config, random_bytes=os.urandom,
                                  now=now, unix_offset=time.time() - now, advertised_address=advertised,
                                  learn_address=self._advertised is None,
-                                 families=tuple(self._endpoints))
+                                 families=tuple(self._endpoints), session_limits=self._session_limits)
         responder = self._engine.make_responder() if self._fast_path else None
         if responder is not None:
             for endpoint in self._endpoints.values():

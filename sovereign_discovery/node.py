@@ -148,10 +148,11 @@ DROP_REASONS = (
 #: A peer re-enters the table (moves to its bucket's most-recently-seen end) at most this often.
 _REENTER_S = 1.0
 
-#: A finished request's ID is remembered this long past its deadline, so that a late or second
-#: answer is counted as ``late_response`` / ``duplicate_response`` rather than as unsolicited
-#: (then forgotten: per-peer state must not grow with the peers a node ever talked to).
-_DONE_KEEP_S = 2 * 5.0  # 2 x MAX_RTO_S
+#: A finished request's ID is remembered past its deadline for as long again as the request
+#: had (twice its RTO: a second answer, to the retry, comes within about one RTT of the first),
+#: so that a late or second answer is counted as ``late_response`` / ``duplicate_response``
+#: rather than as unsolicited; then forgotten (per-peer state must not grow with the peers a node
+#: ever talked to, and a fixed 10 s kept ~140 entries, ~30 KB, per node right after a join).
 
 #: Stats key of each message type ("find_node", ...).
 _NAMES = {cls: cls.TYPE.name.lower() for cls in (Ping, Pong, FindNode, Nodes, Store, StoreResult, FindValue,
@@ -423,8 +424,8 @@ class DhtEngine:
         self._timers: list[tuple[float, int, bytes]] = []
         self._timer_seq = 0
         #: request ID -> ((peer ID, address), drop reason, forget at) of requests recently
-        #: finished, oldest first: bounded in count and kept only _DONE_KEEP_S past the deadline
-        self._done: OrderedDict[bytes, tuple[tuple[bytes, Address], str, float]] = OrderedDict()
+        #: finished, oldest first: bounded in count and kept past the deadline as long as the request had
+        self._done: OrderedDict[bytes, tuple[Contact, str, float]] = OrderedDict()
         self._queries: dict[QueryId, _Query] = {}
         self._next_query = 1
         #: node ID -> complex(srtt, rttvar): one 32-byte object per peer, not a list and two floats
@@ -950,7 +951,7 @@ class DhtEngine:
         request = self._requests.get(message.request_id)
         if request is None:
             done = self._done.get(message.request_id)
-            if done is not None and done[0] == (peer.node_id, peer.address):
+            if done is not None and done[0].node_id == peer.node_id and done[0].address == peer.address:
                 self._drop(done[1], "%s from %s", message.TYPE.name, peer)
                 return
         if (request is None or request.peer.node_id != peer.node_id
@@ -1063,15 +1064,14 @@ class DhtEngine:
         return True
 
     def _remember_done(self, request: _Request, reason: str) -> None:
-        """Remember a finished request for a while (until ``_DONE_KEEP_S`` past its deadline),
+        """Remember a finished request for a while (its time budget again, past its deadline),
         so that a second answer (to its retry) or a late one is counted as such rather than as
         unsolicited."""
         done = self._done
         self._forget_done(request.sent_at)  # now >= sent_at: whatever expired by then goes
         while len(done) >= self._config.max_outstanding_requests:
             done.popitem(last=False)
-        done[request.request_id] = ((request.peer.node_id, request.peer.address), reason,
-                                    request.deadline + _DONE_KEEP_S)
+        done[request.request_id] = (request.peer, reason, 2 * request.deadline - request.sent_at)
 
     def _forget_done(self, now: float) -> None:
         """Drop the finished requests remembered long enough (oldest first; entries finish in

@@ -15,13 +15,19 @@ Network input never raises: every dropped datagram is counted by reason in :attr
 and logged (the first of each reason at INFO, later ones at DEBUG). Caller mistakes raise
 :class:`~sovereign_discovery.errors.ArgumentTypeError` / ``ArgumentValueError``.
 
-Two decisions beyond ``docs/protocol.md``:
+Decisions beyond ``docs/protocol.md``:
 
 - The HANDSHAKE answering a WHOAREYOU is not limited by the anti-amplification rule: the WHOAREYOU
   echoes the random nonce of a packet we sent to that address, which proves the address receives
   (the address-validation token of RFC 9000 §8.1).
 - A WHOAREYOU answering one of the last 16 session MESSAGEs we sent to an address (the peer lost
-  its session, e.g. restarted) is accepted too: we re-handshake carrying the last message again.
+  its session, e.g. restarted, or dropped it as idle or least recently used) is accepted too: we
+  re-handshake carrying the last message again. Only a message of at most 64 bytes (a request
+  without a record) is kept for this, and not an answer of the serving fast path: the sender of
+  anything else retries it. Such a re-handshake carries an empty message, which installs the
+  session and delivers nothing.
+- Sessions are dropped after ``session_idle_s`` without use (10 min) and beyond ``max_sessions``
+  (1,000, least recently used): see :class:`SessionLimits` for where the defaults come from.
 - One live challenge per (node ID, address), as sigp/discv5's handler does: while it lives, a
   session MESSAGE we cannot decrypt is dropped (``awaiting_handshake``) instead of replacing it,
   since the HANDSHAKE answering it may be overtaken on the way by the MESSAGEs sent right after
@@ -37,7 +43,7 @@ import hmac
 import logging
 import os
 import struct
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
@@ -136,10 +142,16 @@ DROP_REASONS = (
 class SessionLimits:
     """Caps and timeouts of a :class:`SessionLayer`. Every table fed by the network is bounded."""
 
-    #: Established sessions, least recently used evicted (docs/protocol.md ``MAX_SESSIONS``).
-    max_sessions: int = 10_000
+    #: Established sessions, least recently used evicted (docs/protocol.md ``MAX_SESSIONS``):
+    #: sigp/discv5's ``session_cache_capacity`` (1,000; go-ethereum's v5 session cache holds
+    #: 1,024). A node talks to a few hundred peers at a time; the rest re-handshake on next use.
+    max_sessions: int = 1_000
     #: A session is dropped this long after its handshake (``SESSION_LIFETIME_S``, 12 h).
     session_lifetime_s: float = 12 * 3600.0
+    #: A session neither side has used for this long is dropped (``SESSION_IDLE_S``, 10 min):
+    #: twice discv5's 300 s ping interval, so a peer pinged on that schedule keeps its session,
+    #: while one met in a single lookup does not hold memory for the whole lifetime.
+    session_idle_s: float = 600.0
     #: Outstanding WHOAREYOU challenges in all (``MAX_CHALLENGES``), oldest evicted.
     max_challenges: int = 10_000
     #: Outstanding challenges per source IP: a flood from one host only recycles its own slots, so
@@ -200,6 +212,11 @@ class Received(NamedTuple):
     delivered: tuple[Delivered, ...]
     outgoing: tuple[Outgoing, ...]
 
+
+#: Every counter :attr:`SessionLayer.stats` reports besides the table sizes.
+STAT_NAMES = ("packets_in", "bytes_in", "packets_out", "bytes_out", "delivered", "handshakes_initiated",
+              "handshakes_completed", "handshakes_crossed", "sessions_unconfirmed", "sessions_idle",
+              "pending_dropped", "sessions_evicted", "challenges_evicted", *DROP_REASONS)
 
 _NOTHING = Received((), ())
 
@@ -307,6 +324,15 @@ class _Pending:
 
 
 _MAX_RANDOM_NONCES = 4  # random packets remembered per pending peer
+#: The last message sent in a session is kept for a re-handshake only up to this size: requests
+#: without a record (PING, FIND_NODE, FIND_VALUE: 17-29 bytes) are; answers (NODES ~1 KB) and
+#: records are not, and go through again when their sender retries. Keeping every last message
+#: cost up to 1.1 KB per session.
+_MAX_KEPT_MESSAGE_BYTES = 64
+
+
+def _kept(message: bytes) -> bytes:
+    return message if len(message) <= _MAX_KEPT_MESSAGE_BYTES else b""
 #: A WHOAREYOU answering one of the last this-many MESSAGEs sent in a session means the peer lost
 #: it (restarted): re-handshake, carrying the last message again (earlier ones are the sender's
 #: to retry).
@@ -350,7 +376,8 @@ class SessionLayer:
         #: seq of the sender's record we hold, for WHOAREYOU (``known_record_seq`` of discv5)
         self._record_seq = known_record_seq or (lambda node_id: 0)
         self._sessions: OrderedDict[tuple[bytes, Address], _Session] = OrderedDict()  # LRU first
-        self._session_ids_at: dict[Address, set[bytes]] = {}  # validated addresses
+        #: validated addresses -> the node IDs of the sessions there (nearly always one)
+        self._session_ids_at: dict[Address, tuple[bytes, ...]] = {}
         self._challenges: OrderedDict[tuple[bytes, Address], _Challenge] = OrderedDict()  # oldest first
         #: sessions we initiated and the peer has not yet used, by when they were made (oldest first)
         self._unconfirmed: OrderedDict[tuple[bytes, Address], float] = OrderedDict()
@@ -360,10 +387,8 @@ class SessionLayer:
         self._unvalidated: OrderedDict[Address, list[int]] = OrderedDict()  # [received, sent]
         #: the serving fast path's responder (attach_responder), which holds an index of sessions
         self._responder = None
-        self._stats: dict[str, int] = dict.fromkeys(
-            ("packets_in", "bytes_in", "packets_out", "bytes_out", "delivered", "handshakes_initiated",
-             "handshakes_completed", "handshakes_crossed", "sessions_unconfirmed", "pending_dropped", "sessions_evicted", "challenges_evicted",
-             *DROP_REASONS), 0)
+        #: counters, each created on its first count (most of them stay 0): ``stats`` shows all
+        self._stats: Counter[str] = Counter()
 
     # --- public API -----------------------------------------------------------------------------
 
@@ -379,7 +404,8 @@ class SessionLayer:
     def stats(self) -> dict[str, int]:
         """Counters (packets/bytes in and out, each drop reason, …) and current table sizes;
         what the fast path's responder did in these sessions is included."""
-        out = dict(self._stats)
+        out = dict.fromkeys(STAT_NAMES, 0)
+        out.update(self._stats)
         if self._responder is not None:
             fast = self._responder.counters()
             for name in ("packets_in", "bytes_in", "delivered", "packets_out", "bytes_out"):
@@ -448,7 +474,8 @@ class SessionLayer:
             return _NOTHING
 
     def expire(self, now: float) -> None:
-        """Forget challenges and queued messages past their TTL, and sessions past their lifetime."""
+        """Forget challenges and queued messages past their TTL, and sessions past their lifetime
+        or idle for ``session_idle_s``."""
         limits = self._limits
         challenges = self._challenges
         while challenges:
@@ -480,6 +507,9 @@ class SessionLayer:
             key, session = next(iter(sessions.items()))
             if now - session.created >= limits.session_lifetime_s:
                 self._remove_session(key)
+            elif now - session.last_used >= limits.session_idle_s:
+                self._remove_session(key)
+                self._stats["sessions_idle"] += 1
             elif session.touched:  # CLOCK order, as in eviction
                 session.touched = False
                 sessions.move_to_end(key)
@@ -658,7 +688,7 @@ class SessionLayer:
         unconfirmed[(id_b, peer.address)] = now
         while len(unconfirmed) > self._limits.max_sessions:
             unconfirmed.popitem(last=False)
-        session.last_message = first  # carried again if the peer answers a later MESSAGE with WHOAREYOU
+        session.last_message = _kept(first)  # carried again if the peer answers a later MESSAGE with WHOAREYOU
         self._install((id_b, peer.address), session)
         self._stats["handshakes_initiated"] += 1
         outgoing = [self._out(peer.address, packet)]
@@ -692,8 +722,11 @@ class SessionLayer:
             return self._drop("decrypt_failed", source)
         session = _Session(Contact(public_key, source), recipient_key, initiator_key, now)
         self._stats["handshakes_completed"] += 1
-        self._stats["delivered"] += 1
-        delivered = (Delivered(session.peer, message),)
+        if message:
+            self._stats["delivered"] += 1
+            delivered: tuple[Delivered, ...] = (Delivered(session.peer, message),)
+        else:  # a re-handshake after an answer, which is not kept to be carried again
+            delivered = ()
         ours = self._sessions.get(key)
         if (ours is not None and ours.initiator and now - ours.created < self._limits.challenge_ttl_s
                 and self._id < src_id):
@@ -719,7 +752,7 @@ class SessionLayer:
 
     def _seal(self, session: _Session, message: bytes) -> Outgoing:
         packet = session.cipher.seal(self._id, message)
-        session.last_message = message
+        session.last_message = _kept(message)
         address = session.peer.address
         stats = self._stats
         stats["packets_out"] += 1
@@ -776,7 +809,7 @@ class SessionLayer:
             self._remove_session(oldest)
             self._stats["sessions_evicted"] += 1
         self._sessions[key] = session
-        self._session_ids_at.setdefault(key[1], set()).add(key[0])
+        self._session_ids_at[key[1]] = self._session_ids_at.get(key[1], ()) + (key[0],)
         self._unvalidated.pop(key[1], None)  # the address proved it receives
         self._index(key, session)
 
@@ -803,9 +836,10 @@ class SessionLayer:
                 fast_key = index_key(key[0], key[1])
                 if fast_key is not None:
                     self._responder.remove(fast_key)
-            ids = self._session_ids_at[key[1]]
-            ids.discard(key[0])
-            if not ids:
+            ids = tuple(i for i in self._session_ids_at[key[1]] if i != key[0])
+            if ids:
+                self._session_ids_at[key[1]] = ids
+            else:
                 del self._session_ids_at[key[1]]
 
     def _pop_challenge(self, key: tuple[bytes, Address]) -> _Challenge | None:

@@ -24,7 +24,7 @@ import logging
 import socket
 from collections.abc import Callable
 
-from .addresses import Address
+from .addresses import Address, interned_address
 from .constants import MAX_DATAGRAM_BYTES
 from .errors import ArgumentTypeError, ArgumentValueError, ClosedError, EndpointError
 from .fastpath import MAX_BATCH
@@ -33,7 +33,14 @@ __all__ = ["UdpEndpoint"]
 
 _log = logging.getLogger(__name__)
 
+#: Entries of each of the two per-process caches below before it starts again.
 _MAX_SOURCES = 4096
+#: source tuple -> Address (parsing an address with ipaddress costs ~10 µs) and Address ->
+#: (host, port) (str() of an ipaddress costs microseconds too). Shared by every endpoint of the
+#: process, as their entries are immutable and the same for every socket: a process hosting many
+#: nodes holds each peer's once, not once per node. Bounded: a flood of sources costs misses only.
+_sources: dict[tuple, Address] = {}
+_destinations: dict[Address, tuple] = {}
 
 DatagramHandler = Callable[[bytes, Address], None]
 
@@ -53,10 +60,6 @@ class UdpEndpoint:
         self._queue: collections.deque[tuple[tuple, bytes]] = collections.deque()
         self._max_queue = 1024
         self._writing = False
-        #: source tuple -> Address: parsing an address with ipaddress costs ~10 µs here
-        self._sources: dict[tuple, Address] = {}
-        #: Address -> (host, port): str() of an ipaddress costs microseconds too
-        self._destinations: dict[Address, tuple] = {}
         self._logged: set[str] = set()
         #: the serving fast path (use_responder): responder, on_message, clock, on_batch_done
         self._fast: tuple | None = None
@@ -231,17 +234,16 @@ class UdpEndpoint:
         on_batch_done()
 
     def _handle(self, handler: DatagramHandler, data: bytes, source: tuple) -> None:
-        sources = self._sources
-        address = sources.get(source)
+        address = _sources.get(source)
         if address is None:
             try:
-                address = Address(source[0], source[1])
+                address = interned_address(Address(source[0], source[1]))
             except (ArgumentValueError, ArgumentTypeError):
                 self._count("dropped_bad_source", f"dropped a datagram from unusable source {source}")
                 return
-            if len(sources) >= _MAX_SOURCES:  # bounded: a flood of sources costs misses only
-                sources.clear()
-            sources[source] = address
+            if len(_sources) >= _MAX_SOURCES:
+                _sources.clear()
+            _sources[source] = address
         try:
             handler(data, address)
         except Exception:  # the engine never raises on input; if it does, keep serving others
@@ -267,12 +269,12 @@ class UdpEndpoint:
         return self._send_now(destination, data)
 
     def _destination(self, address: Address) -> tuple:
-        destination = self._destinations.get(address)
+        destination = _destinations.get(address)
         if destination is None:
             destination = address.to_tuple()  # an IPv6 zone, if any, rides in the host string
-            if len(self._destinations) >= _MAX_SOURCES:
-                self._destinations.clear()
-            self._destinations[address] = destination
+            if len(_destinations) >= _MAX_SOURCES:
+                _destinations.clear()
+            _destinations[address] = destination
         return destination
 
     def _send_now(self, destination: tuple, data: bytes | bytearray | memoryview) -> bool:

@@ -30,6 +30,7 @@ from sovereign_discovery import (
     distance,
 )
 from sovereign_discovery.node import DROP_REASONS
+from sovereign_discovery.session import SessionLimits
 
 from .helpers import has_ipv6_loopback, run_bounded
 
@@ -319,6 +320,29 @@ def test_a_restarted_peer_is_reachable_again():
                     if found is not None:
                         break
                 assert found == second_life.record
+
+    run(main())
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_a_request_to_a_peer_that_evicted_our_session_still_succeeds(fast_path):
+    """The peer keeps one session (``max_sessions=1``): a third node's handshake evicts ours. Our
+    next PING, sealed in the session we still hold, is challenged, and the re-handshake carries
+    it (answered by the serving fast path, in C or in Python as the run selects, or not)."""
+
+    async def main() -> None:
+        limits = SessionLimits(max_sessions=1)
+        async with DhtNode(Identity.generate(), session_limits=limits, fast_path=fast_path) as b, \
+                DhtNode(Identity.generate()) as a, DhtNode(Identity.generate()) as c:
+            assert await a.ping(b.contact) is not None
+            assert await c.ping(b.contact) is not None
+            held = b.stats()["session"]
+            assert held["sessions"] == 1 and held["sessions_evicted"] == 1
+            assert a.stats()["session"]["sessions"] == 1  # A still holds its session with B
+            handshakes = a.stats()["session"]["handshakes_initiated"]
+            assert await a.ping(b.contact) is not None
+            assert a.stats()["session"]["handshakes_initiated"] == handshakes + 1
+            assert a.stats()["session"]["unsolicited_whoareyou"] == 0
 
     run(main())
 

@@ -395,7 +395,7 @@ def test_replayed_duplicate_and_late_answers_are_dropped():
     engine.handle_timer(2.0 + 2 * rto)
     assert len(of_type(engine.events(), LookupFinished)) == 1
     before, snap = drops(engine), snapshot(engine)
-    ask(hand, client, engine, 10.0, Nodes(request.request_id, 1, ()))
+    ask(hand, client, engine, 2.0 + 3 * rto, Nodes(request.request_id, 1, ()))  # within 2 x 2 RTO
     assert delta(engine, before) == {"late_response": 1}
     assert snapshot(engine) == snap and engine.events() == []
 

@@ -296,7 +296,7 @@ def test_the_answers_are_what_the_engine_would_send(fp):
         assert pong.record_seq == 7 and pong.observed == rig.address
         assert isinstance(nodes, Nodes) and nodes.request_id == b"F" * 8 and nodes.total == 1
         assert list(nodes.contacts) == _contacts(20)
-        assert rig.session.last_message == encode_message(nodes)
+        assert rig.session.last_message == b""  # answers are not kept for a re-handshake
     finally:
         rig.close()
 

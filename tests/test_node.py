@@ -384,8 +384,8 @@ def test_unanswered_request_is_retried_once_then_times_out():
 
 
 def test_per_peer_state_is_forgotten_once_it_no_longer_matters():
-    """Memory follows the peers a node talks to now: a finished request is remembered 10 s past
-    its deadline (a late answer is counted as late, then as unsolicited), and upkeep forgets
+    """Memory follows the peers a node talks to now: a finished request is remembered past its
+    deadline as long as it had (a late answer is counted as late, then as unsolicited), and upkeep forgets
     token buckets that are full again (one forgotten starts full: nothing changes)."""
     hand = Hand()
     a = hand.add(make_engine(1, A, config=DhtConfig(upkeep_interval_s=1.0)), A)
@@ -402,14 +402,14 @@ def test_per_peer_state_is_forgotten_once_it_no_longer_matters():
     assert a.stats()["rate_limited_ips"] == 1
     a.handle_timer(3.0)  # upkeep: C's bucket was used 1 s ago, not surely full yet
     assert a.stats()["rate_limited_ips"] == 1
+    silent.send(a.contact(A), Pong(first.request_id, 0, A), 3.5)  # 1.5 s past the 2 s deadline
+    hand.pump(3.5)
+    assert a.stats()["drops"]["late_response"] == 1
     a.handle_timer(4.5)  # 2.5 s idle >= burst / rate = 2 s: full again, forgotten
     assert a.stats()["rate_limited_ips"] == 0
-    silent.send(a.contact(A), Pong(first.request_id, 0, A), 11.0)  # 9 s past the deadline
-    hand.pump(11.0)
-    assert a.stats()["drops"]["late_response"] == 1
-    a.handle_timer(12.5)  # upkeep: 10.5 s past the deadline, forgotten
-    silent.send(a.contact(A), Pong(first.request_id, 0, A), 12.5)
-    hand.pump(12.5)
+    # upkeep at 4.5: the request (sent at 0, given up at 2) was forgotten at 4
+    silent.send(a.contact(A), Pong(first.request_id, 0, A), 4.5)
+    hand.pump(4.5)
     drops = a.stats()["drops"]
     assert drops["late_response"] == 1 and drops["unsolicited_response"] == 1
 

@@ -384,6 +384,67 @@ def test_sessions_expire_after_their_lifetime(pair):
     assert [d.message for d in deliver(b, hs, A_ADDR, lifetime)[0]] == [b"x"]
 
 
+def test_idle_sessions_expire_and_used_ones_stay():
+    a_id, b_id, c_id = ident(1), ident(2), ident(3)
+    b = layer(b_id, 2, session_idle_s=60.0)
+    a, c = layer(a_id, 1), layer(c_id, 3)
+    handshake(a, A_ADDR, b, b_id, B_ADDR)
+    handshake(c, C_ADDR, b, b_id, B_ADDR)
+    to_b = Contact(b_id.public_key, B_ADDR)
+    assert [d.message for d in deliver(b, c.send(to_b, b"busy", 50.0), C_ADDR, 50.0)[0]] == [b"busy"]
+    b.expire(59.9)
+    assert b.has_session(a_id.node_id, A_ADDR) and b.stats["sessions_idle"] == 0
+    b.expire(60.0)  # A's session is 60 s idle, C's 10 s
+    assert not b.has_session(a_id.node_id, A_ADDR) and b.has_session(c_id.node_id, C_ADDR)
+    assert b.stats["sessions_idle"] == 1 and b.stats["sessions"] == 1
+    # A still holds its session: its next message is challenged, and the re-handshake carries it
+    before = b.stats["no_session"]
+    out = a.send(to_b, b"still there?", 61.0)
+    delivered, challenge = deliver(b, out, A_ADDR, 61.0)
+    assert delivered == [] and b.stats["no_session"] == before + 1
+    _, hs = deliver(a, challenge, B_ADDR, 61.0)
+    assert [d.message for d in deliver(b, hs, A_ADDR, 61.0)[0]] == [b"still there?"]
+    # the old session's packets stay dead: replayed into the new one, the tag fails
+    assert deliver(b, out, A_ADDR, 61.1)[0] == []
+
+
+def test_the_session_table_is_bounded_and_an_evicted_peer_reconnects():
+    ids_ = [ident(10 + i) for i in range(4)]
+    b_id = ident(2)
+    b = layer(b_id, 2, max_sessions=2)
+    peers = [layer(i, 10 + n) for n, i in enumerate(ids_)]
+    addrs = [Address("10.0.1.%d" % (n + 1), 5000) for n in range(4)]
+    for peer, addr in zip(peers, addrs):
+        handshake(peer, addr, b, b_id, B_ADDR)
+        assert b.stats["sessions"] <= 2
+    assert b.stats["sessions_evicted"] == 2
+    assert not b.has_session(ids_[0].node_id, addrs[0])
+    to_b = Contact(b_id.public_key, B_ADDR)
+    out = peers[0].send(to_b, b"m", 1.0)
+    _, challenge = deliver(b, out, addrs[0], 1.0)
+    _, hs = deliver(peers[0], challenge, B_ADDR, 1.0)
+    assert [d.message for d in deliver(b, hs, addrs[0], 1.0)[0]] == [b"m"]
+    assert b.stats["sessions"] == 2
+
+
+def test_a_rehandshake_after_a_long_message_delivers_nothing_and_the_session_works(pair):
+    """A message over 64 bytes (an answer, a record) is not kept for a re-handshake, nor is an
+    answer of the fast path: a WHOAREYOU to it installs a new session through a HANDSHAKE carrying
+    an empty message, delivered to nobody; the sender's retry goes through in the new session."""
+    a_id, a, b_id, b = pair
+    to_a = Contact(a_id.public_key, A_ADDR)
+    assert len(b.send(to_a, b"k" * 64, 4.0)) == 1  # kept, then replaced by the next one
+    out = b.send(to_a, b"n" * 65, 5.0)
+    a2 = layer(a_id, 77)  # A lost the session
+    _, challenge = deliver(a2, out, B_ADDR, 5.0)
+    _, hs = deliver(b, challenge, A_ADDR, 5.0)
+    assert len(hs) == 1
+    delivered, _ = deliver(a2, hs, B_ADDR, 5.0)
+    assert delivered == [] and a2.stats["handshakes_completed"] == 1 and a2.stats["delivered"] == 0
+    got, _ = deliver(a2, b.send(to_a, b"n" * 65, 5.1), B_ADDR, 5.1)
+    assert [d.message for d in got] == [b"n" * 65]
+
+
 def test_restarted_initiator_rehandshakes(pair):
     a_id, a, b_id, b = pair
     a2 = layer(a_id, 99)  # same identity, sessions lost

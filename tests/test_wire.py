@@ -551,3 +551,16 @@ def test_encode_nodes_answer_is_a_one_message_nodes():
         contacts[0], contacts[1])  # a link-local contact means nothing elsewhere: left out
     with pytest.raises(ArgumentValueError, match="at most"):
         encode_nodes_answer(RID, contacts + [contacts[0]])
+
+
+def test_decoded_addresses_are_interned_per_process_and_the_table_is_bounded():
+    from sovereign_discovery import addresses as interning
+
+    encoded = Address("192.0.2.7", 4000).encode()
+    first, end = interning.decode_address(b"x" + encoded, 1)
+    again, _ = interning.decode_address(encoded, 0)
+    assert end == 1 + len(encoded) and first is again and first == Address("192.0.2.7", 4000)
+    assert interning.interned_address(Address("192.0.2.7", 4000)) is first
+    for port in range(1, interning.MAX_INTERNED_ADDRESSES + 2):
+        interning.decode_address(Address("198.51.100.1", port).encode(), 0)
+    assert len(interning._interned) <= interning.MAX_INTERNED_ADDRESSES
