@@ -178,7 +178,8 @@ def _shared(value):
     return value
 
 
-_REQUEST_TYPES = (Ping, FindNode, Store, FindValue, Announce, GetProviders)
+#: Decoded messages are of these exact classes (a set: one lookup for a response too).
+_REQUEST_TYPES = frozenset((Ping, FindNode, Store, FindValue, Announce, GetProviders))
 _RESPONSE_TYPES = (Pong, Nodes, StoreResult, Value, Providers)
 
 
@@ -816,7 +817,7 @@ class DhtEngine:
         message = self._decoded(peer, data)
         if message is None:
             return
-        is_request = isinstance(message, _REQUEST_TYPES)
+        is_request = type(message) in _REQUEST_TYPES
         if is_request and not self._admit(peer.address, now):
             self._drop("rate_limited", "request from %s", peer.address)
             return
