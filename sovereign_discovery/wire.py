@@ -545,10 +545,11 @@ def _decode_nodes(data: bytes, n: int) -> Nodes:
         # Every contact IPv4 (the common case): the encodings are fixed-size slices, looked up
         # in C (map); all known (interned or cached: decoded and checked before) -> done.
         raws = [data[o:o + _IPV4_CONTACT] for o in range(_COUNTS_SIZE, n, _IPV4_CONTACT)]
+        # all(): truthiness, None or a Contact (``None in`` would call Contact.__eq__ per item)
         known = list(map(_interned.get, raws)) if _interned else [None]
-        if None in known:
+        if not all(known):
             known = list(map(_contact_cache.get, raws))
-        if None not in known:
+        if all(known):
             m = _new(Nodes)
             _set(m, "request_id", request_id)
             _set(m, "total", total)
