@@ -115,6 +115,8 @@ def _seconds(name: str, value: object) -> float:
 def check_now(value: object, name: str = "now") -> float:
     """``value`` as a float of monotonic seconds; a caller error naming ``name`` if it is not a
     finite number (the lookup and the engine take ``now`` this way)."""
+    if type(value) is float and -math.inf < value < math.inf:  # the common case, checked fast
+        return value
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise ArgumentTypeError(
             f"{name} must be a number (monotonic seconds), not {type(value).__name__}"
@@ -214,6 +216,7 @@ class _Peer:
         self.unresponsive = False  # FAILED by timeout: a late answer is accepted
 
 
+_CONTACT_TYPE = {Contact}
 _WAITING = PeerState.WAITING_TO_SEND
 _IN_FLIGHT = PeerState.IN_FLIGHT
 _SUCCEEDED = PeerState.SUCCEEDED
@@ -500,7 +503,10 @@ class Lookup:
     def _request_timeout(self, contact: Contact) -> float:
         timeout = self._timeout
         if callable(timeout):
-            return _seconds("request_timeout_s (the value the callable returned)", timeout(contact))
+            value = timeout(contact)
+            if type(value) is float and 0.0 < value < math.inf:  # the common case, checked fast
+                return value
+            return _seconds("request_timeout_s (the value the callable returned)", value)
         return timeout
 
     def _advance(self, now: float, *, send: bool) -> list[Contact]:
@@ -553,6 +559,8 @@ class Lookup:
 
     @staticmethod
     def _check_contacts(name: str, contacts: list) -> None:
+        if set(map(type, contacts)) <= _CONTACT_TYPE:  # the common case, one pass in C
+            return
         for contact in contacts:
             if not isinstance(contact, Contact):
                 raise ArgumentTypeError(

@@ -65,6 +65,7 @@ from functools import partial
 
 from .addresses import Address
 from .constants import DEFAULT_BUCKET_SIZE, DEFAULT_PARALLELISM, DEFAULT_RECORD_TTL_S, MAX_BUCKET_SIZE
+from .counters import Counters
 from .errors import ArgumentTypeError, ArgumentValueError, DecodeError
 from .events import (
     ContactAdded,
@@ -158,7 +159,27 @@ _REENTER_S = 1.0
 _NAMES = {cls: cls.TYPE.name.lower() for cls in (Ping, Pong, FindNode, Nodes, Store, StoreResult, FindValue,
                                                  Value, Announce, GetProviders, Providers)}
 
-_REQUEST_TYPES = (Ping, FindNode, Store, FindValue, Announce, GetProviders)
+#: Immutable per-engine values equal across engines (family sets, lookup parameters), kept once:
+#: a simulation holds up to a million engines. At most _SHARED_MAX distinct values are kept.
+_SHARED: dict = {}
+_SHARED_MAX = 64
+_NO_CAPABILITIES: frozenset[str] = frozenset()
+_MESSAGE_NAMES = tuple(t.name.lower() for t in MessageType)  # the messages_in/_out counters
+
+
+
+def _shared(value):
+    """The one kept instance equal to the immutable ``value`` (``value`` itself if it is new)."""
+    held = _SHARED.get(value)
+    if held is not None:
+        return held
+    if len(_SHARED) < _SHARED_MAX:
+        _SHARED[value] = value
+    return value
+
+
+#: Decoded messages are of these exact classes (a set: one lookup for a response too).
+_REQUEST_TYPES = frozenset((Ping, FindNode, Store, FindValue, Announce, GetProviders))
 _RESPONSE_TYPES = (Pong, Nodes, StoreResult, Value, Providers)
 
 
@@ -357,6 +378,15 @@ def _check_quorum(value: object) -> int:
 class DhtEngine:
     """The sans-IO DHT engine of one identity. See the module docstring and docs/engine.md."""
 
+    # Slots, not an instance dictionary (over 30 attributes, CPython's key-sharing dictionary
+    # does not apply: ~1.7 KB per engine); a simulation holds up to a million engines.
+    __slots__ = ("_advertised", "_capabilities", "_config", "_done", "_drops", "_entered", "_events",
+                 "_failures", "_families", "_global_bucket", "_id", "_identity", "_in", "_ip_buckets",
+                 "_learn_address", "_liveness_failed", "_lookup_params", "_next_query", "_next_upkeep",
+                 "_out", "_own_record", "_published", "_queries", "_republish_at", "_requests",
+                 "_responder", "_rng", "_rtt", "_sent", "_session", "_stats_evicted", "_stats_corrected", "_stats_retries",
+                 "_store", "_table", "_timer_seq", "_timers", "_unix_offset", "_votes")
+
     def __init__(
         self,
         identity: Identity,
@@ -394,6 +424,7 @@ class DhtEngine:
         self._families = frozenset(families)
         if not self._families or not self._families <= {4, 6}:
             raise ArgumentValueError(f"families must be a non-empty set of 4 and/or 6, not {families!r}")
+        self._families = _shared(self._families)
         if session_limits is not None and not isinstance(session_limits, SessionLimits):
             raise ArgumentTypeError(
                 f"session_limits must be a SessionLimits, not {type(session_limits).__name__}")
@@ -413,9 +444,9 @@ class DhtEngine:
         self._table = RoutingTable(self._id, bucket_size=config.bucket_size, now=now,
                                    liveness_recent_s=config.liveness_recent_s)
         self._store = RecordStore()
-        self._lookup_params = LookupParams(bucket_size=config.bucket_size,
-                                           parallelism=config.parallelism,
-                                           deadline_s=config.lookup_deadline_s)
+        params = LookupParams(bucket_size=config.bucket_size, parallelism=config.parallelism,
+                              deadline_s=config.lookup_deadline_s)
+        self._lookup_params = _shared(params)
         self._out: list[tuple[Address, bytes]] = []
         self._events: list[Event] = []
         self._requests: dict[bytes, _Request] = {}
@@ -434,7 +465,7 @@ class DhtEngine:
         self._global_bucket = _TokenBucket(config.burst_global, now)
         self._next_upkeep = now + config.upkeep_interval_s
         self._own_record: PeerRecord | None = None
-        self._capabilities: set[str] = set()
+        self._capabilities: frozenset[str] = _NO_CAPABILITIES  # replaced when one is added
         self._published = False  # announce_record was called: keep the record published
         self._republish_at = math.inf
         self._failures: OrderedDict[bytes, int] = OrderedDict()  # table contact -> failed requests in a row
@@ -444,13 +475,12 @@ class DhtEngine:
         self._liveness_failed = 0
         #: (node ID, address) -> when it last entered the table (cleared when full)
         self._entered: dict[tuple[bytes, Address], float] = {}
-        self._drops: dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
+        self._drops = Counters(DROP_REASONS)  # counters are created on first use
         self._stats_retries = 0
         self._stats_corrected = 0  # stale record copies sent the newest after a record lookup
-        names = [t.name.lower() for t in MessageType]
-        self._in: dict[str, int] = dict.fromkeys(names, 0)
+        self._in = Counters(_MESSAGE_NAMES)
         self._responder = None  # the serving fast path (make_responder), if the driver uses one
-        self._sent: dict[str, int] = dict.fromkeys(names, 0)
+        self._sent = Counters(_MESSAGE_NAMES)
 
     # --- inspection ---------------------------------------------------------------------------------
 
@@ -504,10 +534,10 @@ class DhtEngine:
         """Messages in and out by type, drops by reason (the session layer's prefixed with
         ``session.``), and the sizes of every table."""
         session = self._session.stats
-        drops = dict(self._drops)
+        drops = self._drops.full()
         for reason in SESSION_DROP_REASONS:
             drops["session." + reason] = session[reason]
-        messages_in, messages_out = dict(self._in), dict(self._sent)
+        messages_in, messages_out = self._in.full(), self._sent.full()
         responder = self._responder
         if responder is not None:  # what the serving fast path answered
             fast = responder.counters()
@@ -759,7 +789,7 @@ class DhtEngine:
         check_capability(name)
         now = _check_now(now)
         deadline_s = _check_deadline(deadline_s)
-        self._capabilities.add(name)
+        self._capabilities = self._capabilities | {name}
         record = self._sign_record(now)
         if self._published:  # the copies under the own ID would lack the capability
             self._announce("announce_record", self._id, record, now)
@@ -822,7 +852,7 @@ class DhtEngine:
         message = self._decoded(peer, data)
         if message is None:
             return
-        is_request = isinstance(message, _REQUEST_TYPES)
+        is_request = type(message) in _REQUEST_TYPES
         if is_request and not self._admit(peer.address, now):
             self._drop("rate_limited", "request from %s", peer.address)
             return

@@ -28,6 +28,7 @@ from collections.abc import Mapping
 
 from .addresses import Address
 from .constants import NODE_ID_BYTES
+from .counters import Counters
 from .errors import ArgumentTypeError
 from .identity import Identity
 from .routing import Contact
@@ -57,6 +58,7 @@ _HEAD = len(_PREFIX) + NODE_ID_BYTES  # 24
 DROP_REASONS = (*REAL_DROP_REASONS, "unknown_peer")
 
 _NOTHING = Received((), ())
+_COUNTERS = ("packets_in", "bytes_in", "packets_out", "bytes_out", "delivered", *DROP_REASONS)
 
 
 class SimulatedDirectory:
@@ -113,8 +115,7 @@ class SimulatedSessionLayer:
                 f"directory must be a SimulatedDirectory, not {type(directory).__name__}")
         self._id = bytes(identity.node_id)
         self._directory = directory
-        self._stats: dict[str, int] = dict.fromkeys(
-            ("packets_in", "bytes_in", "packets_out", "bytes_out", "delivered", *DROP_REASONS), 0)
+        self._stats = Counters(_COUNTERS)  # created on first use
 
     @property
     def node_id(self) -> bytes:
@@ -123,7 +124,7 @@ class SimulatedSessionLayer:
     @property
     def stats(self) -> dict[str, int]:
         """Counters as the real layer's; ``sessions`` is always 0 (no per-peer state)."""
-        out = dict(self._stats)
+        out = self._stats.full()
         out["sessions"] = 0
         return out
 

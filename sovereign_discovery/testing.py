@@ -216,17 +216,9 @@ class SimulatedNetwork:
         heapq.heappush(self._heap, (when, self._seq, kind, payload))
 
     def _after_call(self, address: Address, host: SimulatedHost) -> None:
-        rng, link = self._rng, self._link
-        for destination, data in host.datagrams_to_send():
-            self.stats["sent"] += 1
-            if link.loss and rng.random() < link.loss:
-                self.stats["lost"] += 1
-                continue
-            copies = 2 if link.duplicate and rng.random() < link.duplicate else 1
-            if copies == 2:
-                self.stats["duplicated"] += 1
-            for _ in range(copies):
-                self._push(self._now + link.latency(rng), _DELIVER, (destination, address, bytes(data)))
+        out = host.datagrams_to_send()
+        if out:
+            self._deliver_later(address, out)
         deadline = host.next_deadline()
         if deadline is None:
             return  # an armed timer stays: firing early is harmless
@@ -238,6 +230,29 @@ class SimulatedNetwork:
         self._timer_version[address] = version
         self._armed[address] = deadline
         self._push(deadline, _TIMER, (address, version))
+
+    def _deliver_later(self, source: Address, out: list[tuple[Address, bytes]]) -> None:
+        """Put each datagram on the heap at now + its drawn latency (or lose or duplicate it):
+        the link model of :class:`LinkModel`, drawn in the same order from the same generator."""
+        rng, link, stats, heap = self._rng, self._link, self.stats, self._heap
+        loss, duplicate, now = link.loss, link.duplicate, self._now
+        latency = link.latency
+        seq = self._seq
+        for destination, data in out:
+            stats["sent"] += 1
+            if loss and rng.random() < loss:
+                stats["lost"] += 1
+                continue
+            if type(data) is not bytes:
+                data = bytes(data)
+            copies = 1
+            if duplicate and rng.random() < duplicate:
+                stats["duplicated"] += 1
+                copies = 2
+            for _ in range(copies):
+                seq += 1
+                heapq.heappush(heap, (now + latency(rng), seq, _DELIVER, (destination, source, data)))
+        self._seq = seq
 
 
 

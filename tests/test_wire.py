@@ -542,6 +542,28 @@ def test_contact_cache_is_bounded_and_transparent(monkeypatch):
         decode_message(bad)
 
 
+def test_ipv4_nodes_of_known_contacts_decode_to_the_same_objects_and_stay_strict(monkeypatch):
+    from sovereign_discovery import wire
+
+    monkeypatch.setattr(wire, "_contact_cache", {})
+    items = [v4_contact(i) for i in range(MAX_NODES_PER_MESSAGE)]
+    data = encode_message(Nodes(RID, 1, items))
+    first = decode_message(data)  # every contact new: decoded one by one, cached
+    again = decode_message(data)  # every contact cached: the IPv4 shortcut
+    assert again == first and list(again.contacts) == items
+    assert all(a is b for a, b in zip(again.contacts, first.contacts))
+    # one unknown contact among known ones: decoded (and checked) like the others
+    fresh = v4_contact(99)
+    mixed = decode_message(encode_message(Nodes(RID, 1, items[:5] + [fresh])))
+    assert list(mixed.contacts) == items[:5] + [fresh]
+    # the shortcut applies to exact sizes only: a trailing byte still fails
+    with pytest.raises(DecodeError, match="trailing"):
+        decode_message(data + b"\x00")
+    bad_port = data[:-2] + b"\x00\x00"  # the last contact's port 0: not known, so checked
+    with pytest.raises(DecodeError, match="port"):
+        decode_message(bad_port)
+
+
 def test_encode_nodes_answer_is_a_one_message_nodes():
     contacts = [v6_contact(i) if i % 2 else v4_contact(i) for i in range(MAX_NODES_PER_MESSAGE)]
     assert encode_nodes_answer(RID, contacts) == encode_message(Nodes(RID, 1, contacts))
