@@ -153,7 +153,7 @@ async def _joined_node(args: argparse.Namespace) -> tuple[DhtNode, BootstrapLaye
 async def _lookup(args: argparse.Namespace) -> int:
     node, _ = await _joined_node(args)
     try:
-        record = await node.find_record(args.node_id, deadline_s=args.timeout)
+        record = await node.find_record(args.node_id, deadline_s=args.timeout, quorum=0)  # an inspection: the newest
     except LookupTimeoutError:
         raise _Fail(f"no record of node {args.node_id} found within {args.timeout:g} s (the lookup timed out)",
                     EXIT_NOT_FOUND) from None
