@@ -149,12 +149,6 @@ DROP_REASONS = (
 #: A peer re-enters the table (moves to its bucket's most-recently-seen end) at most this often.
 _REENTER_S = 1.0
 
-#: A finished request's ID is remembered past its deadline for as long again as the request
-#: had (twice its RTO: a second answer, to the retry, comes within about one RTT of the first),
-#: so that a late or second answer is counted as ``late_response`` / ``duplicate_response``
-#: rather than as unsolicited; then forgotten (per-peer state must not grow with the peers a node
-#: ever talked to, and a fixed 10 s kept ~140 entries, ~30 KB, per node right after a join).
-
 #: Stats key of each message type ("find_node", ...).
 _NAMES = {cls: cls.TYPE.name.lower() for cls in (Ping, Pong, FindNode, Nodes, Store, StoreResult, FindValue,
                                                  Value, Announce, GetProviders, Providers)}
@@ -165,7 +159,6 @@ _SHARED: dict = {}
 _SHARED_MAX = 64
 _NO_CAPABILITIES: frozenset[str] = frozenset()
 _MESSAGE_NAMES = tuple(t.name.lower() for t in MessageType)  # the messages_in/_out counters
-
 
 
 def _shared(value):
@@ -305,7 +298,7 @@ class _Request:
 class _Query:
     __slots__ = ("id", "kind", "target", "lookup", "best", "providers", "count", "capability",
                  "pending", "stored", "record", "answered", "learned", "deadline_s", "quorum",
-                 "holders", "copies")
+                 "copies")
 
     def __init__(self, query_id: QueryId, kind: str, target: NodeId) -> None:
         self.id = query_id
@@ -324,8 +317,8 @@ class _Query:
         self.learned: list[Contact] = []  # bootstrap: contacts from NODES answers
         self.deadline_s: float | None = None  # bootstrap: the self-lookup's deadline
         self.quorum = 0  # find_record: valid records that end the lookup (0: run to the end)
-        self.holders = 0  # find_record: valid records received (the own store's included)
-        self.copies: list[tuple[Contact | None, int]] = []  # find_record: who held which seq (None: us)
+        #: find_record: the valid records received, as (who held it, its seq); None: our own store
+        self.copies: list[tuple[Contact | None, int]] = []
 
 
 class _TokenBucket:
@@ -745,11 +738,10 @@ class DhtEngine:
         query.quorum = quorum
         query.best = self._store.get(node_id, self._unix(now))
         if query.best is not None:
-            query.holders = 1
             query.copies.append((None, query.best.seq))
         # A quorum met by the own store needs no request (libp2p's GetValue counts its local
         # record; the kademlia package's get answers from its storage).
-        self._start_lookup(query, now, deadline_s=deadline_s, no_requests=0 < quorum <= query.holders)
+        self._start_lookup(query, now, deadline_s=deadline_s, no_requests=0 < quorum <= len(query.copies))
         return query.id
 
     def find_providers(self, capability: str, now: float, count: int = DEFAULT_BUCKET_SIZE, *,
@@ -1094,9 +1086,11 @@ class DhtEngine:
         return True
 
     def _remember_done(self, request: _Request, reason: str) -> None:
-        """Remember a finished request for a while (its time budget again, past its deadline),
-        so that a second answer (to its retry) or a late one is counted as such rather than as
-        unsolicited."""
+        """Remember a finished request past its deadline for as long again as the request had
+        (twice its RTO: a second answer, to the retry, comes within about one RTT of the first),
+        so that a late or second answer is counted as ``late_response`` / ``duplicate_response``
+        rather than as unsolicited; then forget it (per-peer state must not grow with the peers a
+        node ever talked to: a fixed 10 s kept ~140 entries, ~30 KB, per node after a join)."""
         done = self._done
         self._forget_done(request.sent_at)  # now >= sent_at: whatever expired by then goes
         while len(done) >= self._config.max_outstanding_requests:
@@ -1159,14 +1153,13 @@ class DhtEngine:
         """Start ``query``'s lookup from the table's closest and ``extra_seeds``; with
         ``no_requests`` (already answered locally) it has no seeds and ends at once."""
         running = sum(1 for q in self._queries.values() if q.lookup is not None and not q.lookup.finished)
-        seeds = self._table.closest(query.target, self._config.bucket_size)
-        known = {c.node_id for c in seeds}
-        seeds += [c for c in extra_seeds if c.node_id not in known and c.node_id != self._id]
-        if no_requests:
-            seeds = []
-        elif running >= self._config.max_lookups:
+        seeds: list[Contact] = []
+        if running >= self._config.max_lookups and not no_requests:
             self._drop("lookups_full", "lookup for %s not started", query.target)
-            seeds = []
+        elif not no_requests:
+            seeds = self._table.closest(query.target, self._config.bucket_size)
+            known = {c.node_id for c in seeds}
+            seeds += [c for c in extra_seeds if c.node_id not in known and c.node_id != self._id]
         if query.target != self._id:
             self._table.mark_bucket_active(self._table.bucket_index(query.target), now)
         params = self._lookup_params
@@ -1224,10 +1217,9 @@ class DhtEngine:
             else:
                 if query.best is None or record.seq > query.best.seq:
                     query.best = record
-                query.holders += 1
                 query.copies.append((contact, record.seq))
                 lookup.on_success(contact.node_id, (), now)
-                if contact.node_id == query.target or 0 < query.quorum <= query.holders:
+                if contact.node_id == query.target or 0 < query.quorum <= len(query.copies):
                     # The owner signs every seq of its record and answers with its newest: nothing
                     # newer can be found elsewhere. Otherwise the lookup halts at the quorum
                     # (Kademlia §2.3 halts FIND_VALUE at the first value; for mutable values the
@@ -1330,8 +1322,8 @@ class DhtEngine:
                 self._store.put(query.target, best, None, self._unix(now))
                 self._stats_corrected += 1
             elif self._request(contact, Store(self._request_id(), query.target, best.encoded),
-                                 (StoreResult,), now, _ignore_answer, self.rto(contact.node_id)):
-                    self._stats_corrected += 1
+                               (StoreResult,), now, _ignore_answer, self.rto(contact.node_id)):
+                self._stats_corrected += 1
 
     def _on_store_answer(self, query_id: QueryId, parts: list | None, now: float) -> None:
         query = self._queries.get(query_id)

@@ -234,25 +234,20 @@ class SimulatedNetwork:
     def _deliver_later(self, source: Address, out: list[tuple[Address, bytes]]) -> None:
         """Put each datagram on the heap at now + its drawn latency (or lose or duplicate it):
         the link model of :class:`LinkModel`, drawn in the same order from the same generator."""
-        rng, link, stats, heap = self._rng, self._link, self.stats, self._heap
-        loss, duplicate, now = link.loss, link.duplicate, self._now
-        latency = link.latency
-        seq = self._seq
+        rng, link, stats = self._rng, self._link, self.stats
         for destination, data in out:
             stats["sent"] += 1
-            if loss and rng.random() < loss:
+            if link.loss and rng.random() < link.loss:
                 stats["lost"] += 1
                 continue
             if type(data) is not bytes:
                 data = bytes(data)
             copies = 1
-            if duplicate and rng.random() < duplicate:
+            if link.duplicate and rng.random() < link.duplicate:
                 stats["duplicated"] += 1
                 copies = 2
             for _ in range(copies):
-                seq += 1
-                heapq.heappush(heap, (now + latency(rng), seq, _DELIVER, (destination, source, data)))
-        self._seq = seq
+                self._push(self._now + link.latency(rng), _DELIVER, (destination, source, data))
 
 
 

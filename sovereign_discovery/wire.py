@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import ClassVar, Union
 
-from .addresses import Address, decode_address
+from .addresses import KIND_UDP4, Address, decode_address
 from .constants import MAX_MESSAGE_BYTES, MAX_RECORD_BYTES, NODE_ID_BYTES, PUBLIC_KEY_BYTES
 from .errors import ArgumentTypeError, ArgumentValueError, DecodeError
 from .keys import NodeId, check_node_id
@@ -129,9 +129,9 @@ _COUNTS_SIZE = _WITH_COUNTS.size
 
 # Bytes of an IPv4 contact (key 32, kind 1 + ip 4 + port 2), where in a NODES message the kind
 # byte of the first one is, and that kind byte.
-_IPV4_CONTACT = PUBLIC_KEY_BYTES + 7
+_IPV4_CONTACT = PUBLIC_KEY_BYTES + 1 + 4 + 2
 _IPV4_KINDS = _COUNTS_SIZE + PUBLIC_KEY_BYTES
-_IPV4_KIND = b"\x04"
+_IPV4_KIND = bytes((KIND_UDP4,))
 # Bytes of one contact at most (IPv6 address: kind 1 + ip 16 + port 2).
 _MAX_CONTACT_BYTES = PUBLIC_KEY_BYTES + 1 + 16 + 2
 assert _COUNTS_SIZE + MAX_NODES_PER_MESSAGE * _MAX_CONTACT_BYTES <= MAX_MESSAGE_BYTES
@@ -550,11 +550,7 @@ def _decode_nodes(data: bytes, n: int) -> Nodes:
         if not all(known):
             known = list(map(_contact_cache.get, raws))
         if all(known):
-            m = _new(Nodes)
-            _set(m, "request_id", request_id)
-            _set(m, "total", total)
-            _set(m, "contacts", tuple(known))
-            return m
+            return _nodes(request_id, total, known)
     contacts = []
     offset = _COUNTS_SIZE
     cache = _contact_cache
@@ -584,6 +580,11 @@ def _decode_nodes(data: bytes, n: int) -> Nodes:
         offset = end
     if offset != n:
         raise DecodeError(f"NODES: {n - offset} trailing bytes")
+    return _nodes(request_id, total, contacts)
+
+
+def _nodes(request_id: bytes, total: int, contacts: list[Contact]) -> Nodes:
+    """A decoded NODES, built without the constructor's second pass over checked fields."""
     m = _new(Nodes)
     _set(m, "request_id", request_id)
     _set(m, "total", total)

@@ -17,7 +17,7 @@ import pytest
 
 from sovereign_discovery.keys import KERNEL
 
-from .test_benchmark_udp_requests import _processes_with
+from .test_benchmark_udp_requests import assert_failed_and_left_nothing
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "network_vs_kademlia.py"
@@ -129,12 +129,7 @@ def test_a_failed_worker_exits_non_zero_and_kills_the_others(impl):
     marker = f"NETBENCH_SMOKE_{os.getpid()}_{impl}"
     tiny = ["--nodes", "6", "--processes", "2", "--lookups", "3", "--json", "--no-progress"]
     done = _run([*tiny, "--inject-failure", impl], {**os.environ, marker: "1"})
-    assert done.returncode == 1, (done.returncode, done.stdout, done.stderr)
-    assert "network_vs_kademlia benchmark failed" in done.stderr
-    assert "failing on purpose" in done.stderr
-    assert done.stdout == ""
-    if Path("/proc/self/environ").exists():
-        assert _processes_with(f"{marker}=1") == []
+    assert_failed_and_left_nothing(done, "network_vs_kademlia", marker)
 
 
 def test_bad_arguments_exit_non_zero():

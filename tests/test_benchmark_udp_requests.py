@@ -175,6 +175,17 @@ def _processes_with(marker: str) -> list[int]:
     return found
 
 
+def assert_failed_and_left_nothing(done, benchmark: str, marker: str) -> None:
+    """A benchmark run made to fail on purpose: exit 1, the reason on stderr, nothing on stdout,
+    and no process left whose environment carries ``marker``."""
+    assert done.returncode == 1, (done.returncode, done.stdout, done.stderr)
+    assert f"{benchmark} benchmark failed" in done.stderr
+    assert "failing on purpose" in done.stderr
+    assert done.stdout == ""
+    if Path("/proc/self/environ").exists():
+        assert _processes_with(f"{marker}=1") == []
+
+
 @pytest.mark.parametrize("where", ["server", "client"])
 def test_failure_exits_non_zero_and_kills_children(where):
     """A server that dies before it is ready, or a client that dies mid-measurement (with the
@@ -182,12 +193,7 @@ def test_failure_exits_non_zero_and_kills_children(where):
     marker = f"UDP_BENCH_SMOKE_{os.getpid()}_{where}"
     env = {**os.environ, marker: "1"}
     done = _run([*SMALL, "--inject-failure", where], env)
-    assert done.returncode == 1, (done.returncode, done.stdout, done.stderr)
-    assert "udp_requests benchmark failed" in done.stderr
-    assert "failing on purpose" in done.stderr
-    assert done.stdout == ""
-    if Path("/proc/self/environ").exists():
-        assert _processes_with(f"{marker}=1") == []
+    assert_failed_and_left_nothing(done, "udp_requests", marker)
 
 
 def test_bad_arguments_exit_non_zero():
