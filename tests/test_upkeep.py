@@ -5,10 +5,12 @@ records, eviction of contacts that keep failing, and the external address from P
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 from sovereign_discovery.addresses import Address
 from sovereign_discovery.events import ContactRemoved, ExternalAddressChanged, LookupFinished
 from sovereign_discovery.identity import Identity
+from sovereign_discovery.keys import bucket_index
 from sovereign_discovery.node import DhtConfig, DhtEngine
 from sovereign_discovery.records import PeerRecord
 from sovereign_discovery.wire import FindNode, Nodes, Ping, Pong, capability_key
@@ -120,35 +122,74 @@ def _join_network(config: DhtConfig, size: int = 29, prefill: int = 0):
     return newcomer, finished
 
 
-def test_join_refreshes_every_bucket_farther_than_the_nearest_neighbour_with_a_large_budget():
-    # Kademlia §2.3 as the paper has it: the budget covers every bucket (none is full: k = 20).
+def _prefix(engine: DhtEngine, node_id: bytes) -> int:
+    return bucket_index(engine.node_id, node_id)
+
+
+def test_join_refreshes_every_prefix_farther_than_the_nearest_neighbour_with_a_large_budget():
+    # Kademlia §2.3 as the paper has it: the budget covers every prefix length (none is full:
+    # k = 20), the farthest first.
     newcomer, finished = _join_network(DhtConfig(join_refresh_buckets=64))
-    refreshes = finished[1:]
-    assert len(refreshes) == newcomer.table.bucket_count - 1 >= 1
-    assert sorted(newcomer.table.bucket_index(e.target) for e in refreshes) == \
-        list(range(newcomer.table.bucket_count - 1))
+    prefixes = [_prefix(newcomer, e.target) for e in finished[1:]]
+    assert sorted(prefixes) == list(range(len(prefixes)))
+    assert len(prefixes) >= newcomer.table.bucket_count - 1 >= 1
     assert len(newcomer.table) == 28  # a small network: everyone is known
 
 
-def test_join_refreshes_only_the_farthest_buckets_within_its_budget():
-    # The default budget: one refresh, of the farthest bucket that is not full (bucket 0).
+def _refreshes_as_seen_at_join_end(monkeypatch) -> list[tuple[Counter, int, list[int]]]:
+    """Record, at each join's end, the newcomer's contacts per common-prefix length, its bucket
+    count, and the prefix lengths the join refresh then looked up."""
+    seen: list[tuple[Counter, int, list[int]]] = []
+    original = DhtEngine._refresh_after_join
+
+    def recording(engine: DhtEngine, now: float):
+        held = Counter(_prefix(engine, c.node_id) for c in engine.table)
+        buckets = engine.table.bucket_count
+        started = original(engine, now)
+        targets = [engine._queries[q].target for q in started if q in engine._queries]
+        seen.append((held, buckets, [_prefix(engine, t) for t in targets]))
+        return started
+
+    monkeypatch.setattr(DhtEngine, "_refresh_after_join", recording)
+    return seen
+
+
+def test_join_refreshes_every_empty_prefix_and_the_farthest_others_within_its_budget(monkeypatch):
+    # Every prefix length farther than the nearest neighbour that holds no contact is looked up
+    # (an empty bucket is a dead end for lookups into it); of the others not full, at most
+    # join_refresh_buckets, the farthest first. The default budget is one.
     assert DhtConfig().join_refresh_buckets == 1
-    newcomer, finished = _join_network(DhtConfig())
-    assert [newcomer.table.bucket_index(e.target) for e in finished[1:]] == [0]
-    # None: the self-lookup alone (BEP 5).
-    newcomer, finished = _join_network(DhtConfig(join_refresh_buckets=0))
-    assert finished[1:] == []
-    assert len(newcomer.table) >= 20  # the self-lookup's k closest answered
+    seen = _refreshes_as_seen_at_join_end(monkeypatch)
+    unsplit_with_holes = 0
+    for size in (29, 60, 120):
+        for budget in (0, 1, 2):
+            seen.clear()
+            newcomer, finished = _join_network(DhtConfig(join_refresh_buckets=budget), size=size)
+            held, buckets, refreshed = seen[-1]  # the newcomer's join: the last one
+            deepest = max(held)
+            empty = [p for p in range(deepest) if held[p] == 0]
+            partial = [p for p in range(deepest) if 0 < held[p] < DhtConfig().bucket_size][:budget]
+            assert sorted(refreshed) == sorted(empty + partial), (size, budget, held)
+            assert len(finished) - 1 == len(refreshed)  # each refresh lookup ended
+            unsplit_with_holes += buckets == 1 and bool(empty)
+            # No dead end left: every prefix length below the nearest neighbour's that some node
+            # of the network has is now held by a contact.
+            others = {_prefix(newcomer, c.node_id) for c in newcomer.table}
+            assert all(p in others for p in empty), (size, budget, empty, others)
+    # The case that hid the empty prefixes before: exactly k contacts, one unsplit bucket.
+    assert unsplit_with_holes >= 1
 
 
-def test_join_refresh_skips_buckets_that_are_already_full():
-    # k = 2 and bucket 0 full before the join: the refresh budget goes to the next buckets.
+def test_join_refresh_skips_prefixes_that_are_already_full(monkeypatch):
+    # k = 2 and prefix length 0 full before the join: it is not looked up, the budget goes on.
+    seen = _refreshes_as_seen_at_join_end(monkeypatch)
     newcomer, finished = _join_network(DhtConfig(bucket_size=2, join_refresh_buckets=2), prefill=2)
-    table = newcomer.table
-    assert len(table.bucket(0)) == 2
-    assert sorted(table.bucket_index(e.target) for e in finished[1:]) == [1, 2]
+    held, _, refreshed = seen[-1]
+    assert held[0] == 2 and 0 not in refreshed and refreshed
+    # One contact at prefix length 0: not full, so it is refreshed first, within the budget.
     newcomer, finished = _join_network(DhtConfig(bucket_size=2, join_refresh_buckets=2), prefill=1)
-    assert sorted(newcomer.table.bucket_index(e.target) for e in finished[1:]) == [0, 1]
+    held, _, refreshed = seen[-1]
+    assert held[0] == 1 and 0 in refreshed
 
 
 def test_config_accepts_zero_only_where_it_means_none():
