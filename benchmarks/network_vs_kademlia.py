@@ -126,6 +126,8 @@ from sovereign_discovery.identity import Identity  # noqa: E402
 
 SCRIPT = Path(__file__).resolve()
 IMPLS = ("ours", "kademlia")
+#: Failed lookups of ours examined after the lookup phase (``failed_lookup_details``).
+MAX_POST_MORTEMS = 20
 BUCKET_SIZE = 20
 PARALLELISM = 3
 #: Seconds one lookup may take in a worker before it counts as failed (both sides).
@@ -237,11 +239,34 @@ class OursNetwork:
             error = "not_found"
         elif record is not None and not ok:
             error = "different_record"
-        return {"ok": ok, "found": record is not None, "ms": elapsed * 1000,
+        out = {"ok": ok, "found": record is not None, "ms": elapsed * 1000,
                 "local_hit": finished is not None and finished.requests == 0,
                 "requests": finished.requests if finished is not None else None,
                 "rounds": finished.rounds if finished is not None else None,
                 "source_datagrams": self._sent(node) - sent, "error": error}
+        if not ok and finished is not None:  # where it ended, for inspect()
+            out.update(ended_at=[c.node_id.hex() for c in finished.closest],
+                       timed_out=finished.timed_out,
+                       rounds_to_target=finished.rounds_to_target)
+        return out
+
+    def inspect(self, target: bytes) -> dict[str, Any]:
+        """What this worker's nodes know of ``target``: which hold it in their routing table,
+        which store its record (a failed lookup's post-mortem)."""
+        in_table, holding, closer_known = [], [], {}
+        key = int.from_bytes(target, "big")
+        for node in self.nodes.values():
+            engine = node.engine
+            own = int.from_bytes(engine.node_id, "big") ^ key
+            closer_known[bytes(engine.node_id).hex()] = sum(
+                int.from_bytes(c.node_id, "big") ^ key < own for c in engine.table)
+            if engine.table.get(target) is not None:
+                in_table.append(bytes(engine.node_id).hex())
+            if engine.store.get(target, time.time()) is not None:
+                holding.append(bytes(engine.node_id).hex())
+        own = next((n for n in self.nodes.values() if bytes(n.engine.node_id) == target), None)
+        return {"in_table": in_table, "holding": holding, "closer_known": closer_known,
+                "target_table_size": None if own is None else len(own.engine.table)}
 
     def counters(self) -> dict[str, Any]:
         out = {"datagrams_out": 0, "datagrams_in": 0, "table_size": 0, "sessions": 0,
@@ -481,6 +506,8 @@ async def worker(impl: str, config: dict[str, Any]) -> None:
             reply.update(await network.lookup(int(command["source"]),
                                               bytes.fromhex(command["target"]),
                                               bytes.fromhex(command["expected"])))
+        elif op == "inspect":
+            reply.update(network.inspect(bytes.fromhex(command["target"])))
         elif op == "counters":
             reply.update(network.counters())
         elif op == "profile":  # --profile: cProfile over the lookup phase
@@ -675,6 +702,8 @@ class Phase:
             out["lookups_s"] = round(time.perf_counter() - t0, 2)
             out["lookups_cpu_s"] = round(self._cpu_total() - cpu0, 2)
             out["cpu_ms_per_lookup"] = round(out["lookups_cpu_s"] / len(pairs) * 1000, 2)
+            if self.impl == "ours":
+                out["failed_lookup_details"] = self._post_mortem(pairs, node_ids, results)
             after = self._all({"op": "counters"}, SLACK_S)
             if args.profile:
                 profiles = self._all({"op": "profile", "on": False}, SLACK_S)
@@ -706,6 +735,39 @@ class Phase:
                 child.kill()
         out.update(self._summarize(results, before, after))
         return out
+
+    def _post_mortem(self, pairs: list[tuple[int, int]], node_ids: list[bytes],
+                     results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """For the first failed lookups: the global XOR ranks (0 = the target) of the k nodes
+        each ended at, and of the nodes that hold the target in their table or store its
+        record (asked of every worker now, after the lookups)."""
+        details = []
+        for (source, target), result in zip(pairs, results):
+            if result["ok"] or "ended_at" not in result or len(details) >= MAX_POST_MORTEMS:
+                continue
+            target_id = node_ids[target]
+            key = int.from_bytes(target_id, "big")
+            by_distance = sorted(range(self.nodes),
+                                 key=lambda i: int.from_bytes(node_ids[i], "big") ^ key)
+            rank = {node_ids[i].hex(): r for r, i in enumerate(by_distance)}
+            replies = self._all({"op": "inspect", "target": target_id.hex()}, SLACK_S)
+            in_table = sorted(rank[h] for r in replies for h in r["in_table"])
+            closer = {h: n for r in replies for h, n in r["closer_known"].items()}
+            holding = sorted(rank[h] for r in replies for h in r["holding"])
+            details.append({
+                "source": source, "target": target, "error": result["error"],
+                "timed_out": result["timed_out"], "requests": result["requests"],
+                "rounds": result["rounds"], "ms": round(result["ms"], 2),
+                "ended_at_ranks": sorted(rank.get(h, -1) for h in result["ended_at"]),
+                # how many table contacts closer to the target each of them knows
+                "ended_at_closer_known": [closer[h] for h in sorted(
+                    result["ended_at"], key=lambda h: rank.get(h, -1)) if h in closer],
+                "source_rank": rank[node_ids[source].hex()],
+                "in_table_ranks": in_table[:3 * BUCKET_SIZE], "in_tables": len(in_table),
+                "holding_ranks": holding, "target_table_size": next(
+                    (r["target_table_size"] for r in replies if r["target_table_size"] is not None),
+                    None)})
+        return details
 
     def _lookups(self, pairs: list[tuple[int, int]], node_ids: list[bytes],
                  label: str) -> list[dict[str, Any]]:
@@ -796,7 +858,9 @@ def measure_size(nodes: int, args: argparse.Namespace) -> dict[str, Any]:
     row["loadavg_between"] = _loadavg()
     row["ours"] = ours
     kad = None
-    if KADEMLIA_ERROR is None:
+    if args.skip_kademlia:
+        row["notes"].append("--skip-kademlia: ours alone (a diagnostic run), no ratios")
+    elif KADEMLIA_ERROR is None:
         # kademlia stores the very bytes of each node's record (a filler if ours announced none).
         values = {i: records.get(i) or random.Random(i).randbytes(FILLER_BYTES)
                   for i in range(nodes)}
@@ -967,6 +1031,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true",
                         help="cProfile every worker during the lookups; worker 0's top functions"
                         " by own time in the output (profile_worker_0)")
+    parser.add_argument("--skip-kademlia", action="store_true",
+                        help="run ours alone (diagnosing ours; no kademlia figures, no ratios)")
     parser.add_argument("--json", action="store_true", help="one JSON object per size")
     parser.add_argument("--plot", metavar="FILE.png", help="draw latency and memory against N")
     parser.add_argument("--plot-from", metavar="FILE.jsonl",

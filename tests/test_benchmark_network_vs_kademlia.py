@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -105,9 +106,43 @@ def test_small_network_reports_both_and_is_consistent():
     for phase in (ours, kad):
         assert LOOKUPS >= phase["local_hits"] >= 1
         assert phase["p50_ms_without_local_hits"] is None or phase["p50_ms_without_local_hits"] > 0
+    assert ours["failed_lookup_details"] == []  # a post-mortem only for failed lookups
     assert set(row["targets"]) == {"p50_ratio", "ours_success", "ours_bytes_per_node_vs_kademlia"}
     for name, target in row["targets"].items():
         assert target["met"] in (True, False), name
+
+
+def _benchmark_module():
+    spec = importlib.util.spec_from_file_location("network_vs_kademlia", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_failed_lookup_gets_a_post_mortem():
+    # Ranks are XOR ranks from the target (0 = the target); the workers' answers are stubbed.
+    bench = _benchmark_module()
+    args = SimpleNamespace(processes=2)
+    phase = bench.Phase("ours", args, 6, [b""] * 6, None, False)
+    node_ids = [bytes([0] * 31 + [i]) for i in (0, 1, 2, 4, 8, 16)]  # node i at distance 2^(i-1)
+    pairs = [(5, 0), (5, 1)]
+    hexes = [n.hex() for n in node_ids]
+    results = [{"ok": False, "error": "not_found", "timed_out": False, "requests": 3, "rounds": 2,
+                "ms": 1.5, "ended_at": [hexes[4], hexes[3]]},
+               {"ok": True}]
+    replies = [{"in_table": [hexes[1]], "holding": [hexes[1], hexes[2]], "target_table_size": 2,
+                "closer_known": {hexes[3]: 1, hexes[4]: 0}},
+               {"in_table": [hexes[2]], "holding": [], "target_table_size": None,
+                "closer_known": {}}]
+    asked = []
+    phase._all = lambda command, timeout_s: asked.append(command) or replies
+    details = phase._post_mortem(pairs, node_ids, results)
+    assert asked == [{"op": "inspect", "target": hexes[0]}]  # only the failed lookup's target
+    (one,) = details
+    assert one["ended_at_ranks"] == [3, 4] and one["ended_at_closer_known"] == [1, 0]
+    assert one["in_table_ranks"] == [1, 2] and one["in_tables"] == 2
+    assert one["holding_ranks"] == [1, 2] and one["target_table_size"] == 2
+    assert one["source_rank"] == 5 and one["error"] == "not_found"
 
 
 def test_plot_from_saved_lines(tmp_path):
@@ -130,6 +165,16 @@ def test_a_failed_worker_exits_non_zero_and_kills_the_others(impl):
     tiny = ["--nodes", "6", "--processes", "2", "--lookups", "3", "--json", "--no-progress"]
     done = _run([*tiny, "--inject-failure", impl], {**os.environ, marker: "1"})
     assert_failed_and_left_nothing(done, "network_vs_kademlia", marker)
+
+
+def test_skip_kademlia_runs_ours_alone_and_says_so():
+    done = _run(["--nodes", "6", "--processes", "2", "--lookups", "3", "--json", "--no-progress",
+                 "--skip-kademlia"])
+    assert done.returncode == 0, done.stderr
+    row = json.loads(done.stdout)
+    assert row["kademlia"] is None and row["p50_ratio"] is None
+    assert row["ours"]["lookups"] == 3 and row["ours_success"] is not None
+    assert any("--skip-kademlia" in note for note in row["notes"])
 
 
 def test_bad_arguments_exit_non_zero():
