@@ -1185,7 +1185,7 @@ class SessionLayer:
         fast_key = index_key(key[0], key[1])
         if fast_key is None:
             return
-        if session.confirmed and session.validated and session.alternate is None:
+        if session.confirmed and session.alternate is None:
             peer = session.peer
             responder.add(fast_key, session, session.cipher, peer, peer.address, peer.address.encode(),
                           session.created)
