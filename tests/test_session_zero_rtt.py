@@ -673,3 +673,33 @@ def test_the_simulated_layer_models_the_same_round_trips(zero_rtt, frames):
     # the next request costs one frame each way in both modes
     assert len(a.send(Contact(b_id.public_key, B_ADDR), b"q2", 0)) == 1
     assert a.limits.zero_rtt is zero_rtt
+
+
+# --- through the engine -------------------------------------------------------------------------
+
+
+def test_engines_meet_by_zero_rtt_when_their_session_layers_share_the_engines_clock():
+    """DhtEngine does not yet pass its ``unix_offset`` to the session layer it builds (node.py);
+    given a layer that has it, a node's first contact with a running one is 0-RTT end to end."""
+    from sovereign_discovery.node import DhtEngine
+    from tests.test_node import EPOCH as ENGINE_EPOCH, Hand
+
+    def engine(seed: int, address: Address) -> DhtEngine:
+        r = random.Random(seed)
+        identity = Identity.from_seed(r.randbytes(32))
+        session = SessionLayer(identity, random_bytes=r.randbytes, unix_offset=ENGINE_EPOCH)
+        return DhtEngine(identity, random_bytes=r.randbytes, rng=random.Random(seed + 1), now=0.0,
+                         unix_offset=ENGINE_EPOCH, advertised_address=address, session_layer=session)
+
+    hand = Hand()
+    a, b = hand.add(engine(1, A_ADDR), A_ADDR), hand.add(engine(2, B_ADDR), B_ADDR)
+    a.bootstrap([b.contact(B_ADDR)], 0.0)
+    hand.pump(0.0)  # B has just started: A's INITIATE falls back to the handshake
+    assert a.stats()["session"]["initiates_fell_back"] == 1 and a.node_id in b.table
+    c = hand.add(engine(3, C_ADDR), C_ADDR)
+    c.bootstrap([b.contact(B_ADDR)], T)
+    hand.pump(T)
+    session = c.stats()["session"]
+    assert session["initiates_fell_back"] == 0 and session["initiates_sent"] >= 1
+    assert b.stats()["session"]["initiates_accepted"] == 1 and b.stats()["session"]["addresses_validated"] == 1
+    assert b.node_id in c.table and c.node_id in b.table
