@@ -51,6 +51,8 @@ class SignaturePurpose(enum.Enum):
 
     PEER_RECORD = "peer-record"
     SESSION_HANDSHAKE = "session-handshake"
+    #: the 0-RTT first packet (session.KIND_INITIATE): never valid as a handshake, nor back
+    SESSION_INITIATE = "session-initiate"
     PROVIDER_ANNOUNCEMENT = "provider-announcement"
     LOCAL_ANNOUNCEMENT = "local-announcement"
 

@@ -34,6 +34,16 @@ Decisions beyond ``docs/protocol.md``:
   it; a new random packet gets the live challenge again.
 - Crossing handshakes (both peers initiate at once): both keep the session the lower node ID
   initiated, and the side that keeps its own reads the other for ``challenge_ttl_s``.
+
+0-RTT first contact (docs/protocol.md, "0-RTT first contact"; on unless
+``SessionLimits.zero_rtt`` is False): the first packet to a peer with no session is an INITIATE
+carrying the handshake and the message at once, sealed to the peer's static key (Noise IK's first
+message). The peer accepts it only while its timestamp is fresh and its ephemeral key unseen
+(:mod:`.zero_rtt`), else answers a WHOAREYOU and the old handshake carries the message. Its first
+packet back is an ACCEPT carrying a token that the session keys mix in, so the initiator's next
+MESSAGE proves it received at its address; until then the answers obey the 3x rule. Unix time
+is ``now + unix_offset`` (the engine's rule); without ``unix_offset`` the layer reads the wall
+clock once, at its first call, to fix the offset (as the asyncio driver does for the engine).
 """
 
 from __future__ import annotations
@@ -43,6 +53,7 @@ import hmac
 import logging
 import os
 import struct
+import time
 from collections import Counter, OrderedDict
 from functools import lru_cache
 from dataclasses import dataclass
@@ -66,6 +77,7 @@ from .errors import ArgumentTypeError, ArgumentValueError
 from .fastpath import REPLAYED, Cipher, index_key
 from .identity import Identity, SignaturePurpose, verify_signature
 from .routing import Contact
+from .zero_rtt import FRESH, REPLAYED as INITIATE_REPLAYED, InitiateGuard
 
 __all__ = [
     "SessionLayer",
@@ -79,6 +91,10 @@ __all__ = [
     "KIND_MESSAGE",
     "KIND_WHOAREYOU",
     "KIND_HANDSHAKE",
+    "KIND_INITIATE",
+    "KIND_ACCEPT",
+    "MIN_INITIATE_BYTES",
+    "MAX_INITIATE_MESSAGE_BYTES",
     "REPLAY_WINDOW",
     "DROP_REASONS",
 ]
@@ -92,6 +108,8 @@ VERSION = 1
 KIND_MESSAGE = 0
 KIND_WHOAREYOU = 1
 KIND_HANDSHAKE = 2
+KIND_INITIATE = 3  # 0-RTT: handshake and first message in one packet
+KIND_ACCEPT = 4  # 0-RTT: the answer to an INITIATE, carrying the address-validation token
 
 #: Every datagram is at most 1,280 bytes (the IPv6 minimum MTU; discv5's limit too).
 MAX_PACKET_BYTES = MAX_DATAGRAM_BYTES
@@ -104,6 +122,19 @@ _AUTH_HANDSHAKE = PUBLIC_KEY_BYTES + 32 + SIGNATURE_BYTES  # src key, ephemeral 
 _MESSAGE_HEAD = _STATIC + _AUTH_MESSAGE  # 38: the MESSAGE header, its AEAD associated data
 _HANDSHAKE_HEAD = _STATIC + _AUTH_HANDSHAKE  # 146
 _WHOAREYOU_BYTES = _STATIC + _AUTH_WHOAREYOU  # 42
+_TIMESTAMP = 8  # the INITIATE's Unix time in ms
+_AUTH_INITIATE = PUBLIC_KEY_BYTES + 32 + _TIMESTAMP + SIGNATURE_BYTES  # 136, then zero padding
+_INITIATE_SIGNED = _STATIC + PUBLIC_KEY_BYTES + 32 + _TIMESTAMP  # 90: the header before the signature
+_INITIATE_HEAD = _STATIC + _AUTH_INITIATE  # 154
+#: An INITIATE is padded to at least ceil(1,280 / 3) bytes, so that the answer it buys under the
+#: 3x anti-amplification rule (RFC 9000 §8.1) can be one full-size datagram.
+MIN_INITIATE_BYTES = -(-MAX_DATAGRAM_BYTES // 3)  # 427
+#: The largest first message an INITIATE carries (8 bytes less than a HANDSHAKE: the timestamp);
+#: a larger one goes through the WHOAREYOU handshake.
+MAX_INITIATE_MESSAGE_BYTES = MAX_PACKET_BYTES - _INITIATE_HEAD - _TAG  # 1,110
+_TOKEN = 16  # the ACCEPT's address-validation token
+_AUTH_ACCEPT = NODE_ID_BYTES + _TOKEN  # src_node_id, token
+_ACCEPT_HEAD = _STATIC + _AUTH_ACCEPT  # 54
 # The largest message (constants.MAX_MESSAGE_BYTES) assumes exactly this packet layout.
 assert MAX_MESSAGE_BYTES == MAX_PACKET_BYTES - _HANDSHAKE_HEAD - _TAG == 1118
 #: Random MESSAGE ("random packet" of discv5) payload length: looks like a short ciphertext.
@@ -131,7 +162,15 @@ DROP_REASONS = (
     "bad_signature",  # the HANDSHAKE's id_signature does not verify
     "bad_key",  # a key that is not a usable curve point, or an all-zero X25519 result
     "amplification_limited",  # a WHOAREYOU not sent: it would exceed 3x the bytes received
-    "awaiting_handshake",  # a session MESSAGE we cannot decrypt while our challenge to it is live
+    "awaiting_handshake",  # a session MESSAGE we cannot decrypt while our challenge to it (or our INITIATE) is live
+    # 0-RTT (docs/protocol.md, "0-RTT first contact"); a bad INITIATE signature (also one meant for
+    # another node) is bad_signature, a failed tag decrypt_failed, a key that fails bad_key
+    "initiate_disabled",  # an INITIATE while 0-RTT is off here (answered by WHOAREYOU)
+    "initiate_stale",  # timestamp outside the window or before our start (answered by WHOAREYOU)
+    "initiate_cache_full",  # the record of ephemeral keys seen is full (answered by WHOAREYOU)
+    "initiate_rate_limited",  # over zero_rtt_per_s (answered by WHOAREYOU)
+    "initiate_replayed",  # its ephemeral key was accepted before, within the window (not answered)
+    "unsolicited_accept",  # an ACCEPT answering no INITIATE of ours still waiting at that address
     "internal_error",  # a bug: the datagram raised inside the layer (logged with a traceback)
 )
 
@@ -175,16 +214,43 @@ class SessionLimits:
     #: To an unvalidated address send at most this many times the bytes received (RFC 9000 §8).
     #: A protocol rule: change it only in tests.
     amplification_factor: float = 3.0
+    #: 0-RTT first contact (docs/protocol.md): send an INITIATE instead of a random packet, and
+    #: accept INITIATEs. Off: the WHOAREYOU handshake only (an INITIATE is answered by WHOAREYOU).
+    zero_rtt: bool = True
+    #: An INITIATE's timestamp may be at most this old by our Unix clock (RFC 8446 §8.3: a
+    #: freshness window; 30 s covers a slow path and a sender's clock running behind). Skew beyond
+    #: the window costs the old round trip, nothing else.
+    zero_rtt_window_s: float = 30.0
+    #: ... and at most this far ahead of our clock. Also how long after our start no INITIATE is
+    #: accepted (zero_rtt.py: our previous run may have accepted ones stamped that far ahead).
+    zero_rtt_ahead_s: float = 5.0
+    #: Ephemeral keys of INITIATEs accepted, kept until their timestamp leaves the window
+    #: (RFC 8446 §8.2's bounded record). Full: INITIATEs are answered by WHOAREYOU. 10,000 in
+    #: 60 s (twice the window, at most) is ~170 first contacts a second.
+    max_zero_rtt_seen: int = 10_000
+    #: INITIATEs a second whose signature and X25519 we compute (a token bucket, one second of
+    #: burst); beyond it they are answered by WHOAREYOU (RFC 9000 §8.1.2: validate first under
+    #: load). ~0.3 ms each on the test VM: 1,000/s is at most a third of a core.
+    zero_rtt_per_s: float = 1_000.0
+    #: Sessions made by an INITIATE whose address has not yet proved it receives (their first
+    #: answer is limited by the 3x rule); the oldest is dropped beyond it, so spoofed INITIATEs
+    #: can push out at most this many validated sessions.
+    max_unvalidated_sessions: int = 100
 
     def __post_init__(self) -> None:
+        if type(self.zero_rtt) is not bool:
+            raise ArgumentTypeError(f"zero_rtt must be a bool, not {type(self.zero_rtt).__name__}")
         for name in self.__slots__:
+            if name == "zero_rtt":
+                continue
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ArgumentTypeError(f"{name} must be a number, not {type(value).__name__}")
             if not value > 0:
                 raise ArgumentValueError(f"{name} must be positive, not {value!r}")
         for name in ("max_sessions", "max_challenges", "max_challenges_per_ip", "max_pending_peers",
-                     "max_pending_messages_per_peer", "max_unvalidated_addresses"):
+                     "max_pending_messages_per_peer", "max_unvalidated_addresses", "max_zero_rtt_seen",
+                     "max_unvalidated_sessions"):
             if not isinstance(getattr(self, name), int):
                 raise ArgumentTypeError(f"{name} must be an int")
 
@@ -217,7 +283,8 @@ class Received(NamedTuple):
 #: Every counter :attr:`SessionLayer.stats` reports besides the table sizes.
 STAT_NAMES = ("packets_in", "bytes_in", "packets_out", "bytes_out", "delivered", "handshakes_initiated",
               "handshakes_completed", "handshakes_crossed", "sessions_unconfirmed", "sessions_idle",
-              "pending_dropped", "sessions_evicted", "challenges_evicted", *DROP_REASONS)
+              "pending_dropped", "sessions_evicted", "challenges_evicted", "initiates_sent", "initiates_accepted",
+              "initiates_fell_back", "addresses_validated", *DROP_REASONS)
 
 _NOTHING = Received((), ())
 
@@ -282,6 +349,10 @@ def _x25519_public(ed25519_public: bytes) -> bytes:
 
 
 def _handshake_signed(challenge_data: bytes, ephemeral: bytes, id_b: bytes) -> bytes:
+    """What ``id_signature`` covers: a HANDSHAKE's (purpose ``session-handshake``, over the
+    WHOAREYOU) and an INITIATE's (purpose ``session-initiate``, over its own header before the
+    signature, which holds the nonce, the timestamp and the ephemeral key). ``id_b`` binds it
+    to the recipient: it verifies at no other node."""
     return hashlib.sha256(challenge_data).digest() + ephemeral + id_b
 
 
@@ -290,7 +361,7 @@ def _handshake_signed(challenge_data: bytes, ephemeral: bytes, id_b: bytes) -> b
 
 class _Session:
     __slots__ = ("peer", "cipher", "created", "last_used", "touched", "last_message", "initiator",
-                 "confirmed", "alternate", "alternate_until")
+                 "confirmed", "alternate", "alternate_until", "validated", "accept")
 
     def __init__(self, peer: Contact, send_key: bytes, recv_key: bytes, now: float) -> None:
         self.peer = peer
@@ -305,6 +376,11 @@ class _Session:
         #: crossing handshakes: the peer's session we did not keep, still read until the time
         self.alternate: _Session | None = None
         self.alternate_until = 0.0
+        #: the peer's address proved it receives (False for an INITIATE's session until the peer
+        #: sends in it: our sends there obey the 3x rule, and the fast path does not serve it)
+        self.validated = True
+        #: an INITIATE's session before our first send: (the INITIATE's nonce, token, ACCEPT key)
+        self.accept: tuple[bytes, bytes, bytes] | None = None
 
     @property
     def send_key(self) -> bytes:
@@ -324,14 +400,31 @@ class _Challenge:
 
 
 class _Pending:
-    __slots__ = ("peer", "messages", "nonces", "created", "last_random")
+    __slots__ = ("peer", "messages", "nonces", "created", "last_random", "initiate")
 
     def __init__(self, peer: Contact, now: float) -> None:
         self.peer = peer
         self.messages: list[bytes] = []
-        self.nonces: list[bytes] = []  # of the random packets sent, newest last
+        self.nonces: list[bytes] = []  # of the random packets (and INITIATE) sent, newest last
         self.created = now
         self.last_random = -float("inf")
+        #: the INITIATE we sent (only the first attempt is one) while its ACCEPT may come
+        self.initiate: _Initiate | None = None
+
+
+class _Initiate:
+    """What the initiator keeps of its INITIATE until the ACCEPT (or a WHOAREYOU) answers it."""
+
+    __slots__ = ("nonce", "secret", "signed", "accept_key", "message", "sent")
+
+    def __init__(self, nonce: bytes, secret: bytes, signed: bytes, accept_key: bytes, message: bytes,
+                 sent: float) -> None:
+        self.nonce = nonce
+        self.secret = secret  # X25519(e, B): the session keys are derived from it with B's token
+        self.signed = signed  # the INITIATE's header before the signature: the key schedule's salt
+        self.accept_key = accept_key  # B -> A key of the INITIATE's keys: opens the ACCEPT
+        self.message = message  # delivered if the ACCEPT comes; carried by the handshake if not
+        self.sent = sent
 
 
 _MAX_RANDOM_NONCES = 4  # random packets remembered per pending peer
@@ -369,6 +462,7 @@ class SessionLayer:
         random_bytes: Callable[[int], bytes] = os.urandom,
         limits: SessionLimits = SessionLimits(),
         known_record_seq: Callable[[bytes], int] | None = None,
+        unix_offset: float | None = None,
     ) -> None:
         if not isinstance(identity, Identity):
             raise ArgumentTypeError(f"identity must be an Identity, not {type(identity).__name__}")
@@ -378,6 +472,8 @@ class SessionLayer:
             raise ArgumentTypeError(f"limits must be SessionLimits, not {type(limits).__name__}")
         if known_record_seq is not None and not callable(known_record_seq):
             raise ArgumentTypeError("known_record_seq must be callable")
+        if unix_offset is not None and (isinstance(unix_offset, bool) or not isinstance(unix_offset, (int, float))):
+            raise ArgumentTypeError(f"unix_offset must be a number, not {type(unix_offset).__name__}")
         self._identity = identity
         self._id = bytes(identity.node_id)
         self._public_key = identity.public_key
@@ -396,6 +492,14 @@ class SessionLayer:
         self._pending: OrderedDict[tuple[bytes, Address], _Pending] = OrderedDict()  # oldest first
         self._pending_by_nonce: dict[bytes, tuple[bytes, Address]] = {}
         self._unvalidated: OrderedDict[Address, list[int]] = OrderedDict()  # [received, sent]
+        #: Unix time = now + this (DhtEngine's rule); None: fixed from the wall clock at first use
+        self._unix_offset = None if unix_offset is None else float(unix_offset)
+        #: 0-RTT acceptance: freshness window, our start, ephemeral keys seen, rate (zero_rtt.py)
+        self._guard = InitiateGuard(int(limits.zero_rtt_window_s * 1000), int(limits.zero_rtt_ahead_s * 1000),
+                                    limits.max_zero_rtt_seen, limits.zero_rtt_per_s)
+        #: sessions made by an INITIATE whose address has not proved it receives, oldest first
+        self._unvalidated_sessions: OrderedDict[tuple[bytes, Address], None] = OrderedDict()
+        self._started = False  # the guard knows our start (set at the first call with a ``now``)
         #: the serving fast path's responder (attach_responder), which holds an index of sessions
         self._responder = None
         #: counters, each created on its first count (most of them stay 0): ``stats`` shows all
@@ -426,6 +530,8 @@ class SessionLayer:
         out["pending_peers"] = len(self._pending)
         out["pending_messages"] = sum(len(p.messages) for p in self._pending.values())
         out["unvalidated_addresses"] = len(self._unvalidated)
+        out["unvalidated_sessions"] = len(self._unvalidated_sessions)
+        out["zero_rtt_seen"] = len(self._guard)
         return out
 
     def attach_responder(self, responder) -> None:
@@ -453,7 +559,8 @@ class SessionLayer:
         ``cipher.open(packet)``), as benchmark clients do. Packets it seals are exactly those
         :meth:`send` would make; the session's last-used time and LRU place are not updated."""
         session = self._sessions.get((bytes(node_id), address))
-        if session is None or not session.confirmed or now - session.created >= self._limits.session_lifetime_s:
+        if (session is None or not session.confirmed or now - session.created >= self._limits.session_lifetime_s
+                or not (session.validated or self._settle((bytes(node_id), address), session))):
             return None
         return session.cipher
 
@@ -463,13 +570,17 @@ class SessionLayer:
         message = check_send(peer, message)
         if not isinstance(now, (int, float)) or isinstance(now, bool):
             raise ArgumentTypeError(f"now must be a number, not {type(now).__name__}")
+        if not self._started:
+            self._unix_ms(now)  # our start, for the 0-RTT guard
         key = (peer.node_id, peer.address)
         session = self._sessions.get(key)
         if session is not None:
             if now - session.created < self._limits.session_lifetime_s and session.cipher.send_counter < _MAX_COUNTER:
                 session.last_used = now
                 session.touched = True
-                return [self._seal(session, message)]
+                if session.validated or self._settle(key, session):
+                    return [self._seal(session, message)]
+                return self._seal_unvalidated(session, message)
             self._remove_session(key)
         return self._queue(key, peer, message, now)
 
@@ -477,6 +588,8 @@ class SessionLayer:
         """Handle one datagram from ``source``. Never raises for any bytes: a bad datagram is
         dropped and counted under its reason in :attr:`stats`."""
         datagram = check_receive(datagram, source)
+        if not self._started:
+            self._unix_ms(now)  # our start, for the 0-RTT guard
         try:
             return self._receive(datagram, source, now)
         except Exception:  # a bug; never let network input crash the engine
@@ -486,7 +599,8 @@ class SessionLayer:
 
     def expire(self, now: float) -> None:
         """Forget challenges and queued messages past their TTL, and sessions past their lifetime
-        or idle for ``session_idle_s``."""
+        or idle for ``session_idle_s``; and 0-RTT ephemeral keys whose timestamps left the window."""
+        self._guard.expire(self._unix_ms(now))
         limits = self._limits
         challenges = self._challenges
         while challenges:
@@ -559,6 +673,18 @@ class SessionLayer:
             if auth_len != _AUTH_HANDSHAKE or size < _HANDSHAKE_HEAD + _TAG:
                 return self._drop("malformed", source)
             return self._on_handshake(datagram, source, nonce, now)
+        if kind == KIND_INITIATE:
+            # padded exactly to MIN_INITIATE_BYTES with zero authdata bytes when shorter, never more
+            padding = auth_len - _AUTH_INITIATE
+            if (padding < 0 or size < _INITIATE_HEAD + padding + _TAG or size < MIN_INITIATE_BYTES
+                    or (padding and size != MIN_INITIATE_BYTES)
+                    or datagram[_INITIATE_HEAD:_INITIATE_HEAD + padding].count(0) != padding):
+                return self._drop("malformed", source)
+            return self._on_initiate(datagram, source, nonce, _INITIATE_HEAD + padding, now)
+        if kind == KIND_ACCEPT:
+            if auth_len != _AUTH_ACCEPT or size < _ACCEPT_HEAD + _TAG:
+                return self._drop("malformed", source)
+            return self._on_accept(datagram, source, nonce, now)
         return self._drop("unknown_kind", source)
 
     def _on_message(self, datagram: bytes, source: Address, nonce: bytes, now: float) -> Received:
@@ -594,18 +720,32 @@ class SessionLayer:
                     session.confirmed = True
                     self._unconfirmed.pop(key, None)
                     self._index(key, session)
+                if not session.validated:  # it used the keys our ACCEPT's token went into
+                    self._validate(key, session)
                 self._stats["delivered"] += 1
                 return Received((Delivered(session.peer, message),), ())
         # docs/protocol.md, handshake step 2: answer what we cannot decrypt with a challenge.
         if source not in self._session_ids_at:
             self._credit(source, len(datagram))
+        if session is None and datagram[4:8] == _COUNTER_PREFIX:
+            pending = self._pending.get(key)
+            if pending is not None and pending.initiate is not None:
+                # sent in the session our INITIATE opens, overtaking its ACCEPT (we lack the token)
+                return self._drop("awaiting_handshake", source)
+        return self._challenge_unreadable(src_id, source, nonce, reason, now)
+
+    def _challenge_unreadable(self, src_id: bytes, source: Address, nonce: bytes, reason: str,
+                              now: float) -> Received:
+        """A packet we cannot read (or will not, as a refused INITIATE) gets a WHOAREYOU echoing
+        its nonce (docs/protocol.md, handshake step 2), counted under ``reason``."""
+        key = (src_id, source)
         live = self._challenges.get(key)
         if live is not None and now - live.created < self._limits.challenge_ttl_s:
             # One live challenge per peer (sigp/discv5's handler does the same): a new one would
             # spoil the HANDSHAKE answering the live one, which a session MESSAGE sent right after
             # it can overtake on the way. A random packet (its WHOAREYOU may have been lost) gets
             # the live challenge again; a session MESSAGE waits for the handshake.
-            if datagram[4:8] == _COUNTER_PREFIX:
+            if nonce[:4] == _COUNTER_PREFIX:
                 return self._drop("awaiting_handshake", source)
             self._count(reason)
             return self._send_challenge(source, live.data)
@@ -657,6 +797,9 @@ class SessionLayer:
             if now - pending.created >= self._limits.pending_ttl_s:
                 self._stats["pending_dropped"] += len(pending.messages)
                 return self._drop("unsolicited_whoareyou", source)
+            if pending.initiate is not None and pending.initiate.nonce == nonce:
+                # our INITIATE was refused (clock, load, 0-RTT off): the handshake carries its message
+                self._stats["initiates_fell_back"] += 1
             return self._initiate(pending.peer, datagram, pending.messages, now)
         # The peer lost our session (restarted): it answers one of the last MESSAGEs we sent
         # there (it challenges the first it cannot read and keeps that challenge while the rest
@@ -738,6 +881,12 @@ class SessionLayer:
             delivered: tuple[Delivered, ...] = (Delivered(session.peer, message),)
         else:  # a re-handshake after an answer, which is not kept to be carried again
             delivered = ()
+        if self._id < src_id and self._initiate_live(key, now):
+            # Crossing with our INITIATE, which the peer (higher ID) accepts: that session is the
+            # one both keep. This HANDSHAKE's message is delivered; what the peer seals in its own
+            # session before it sees our INITIATE is lost (and retried by its sender).
+            self._stats["handshakes_crossed"] += 1
+            return Received(delivered, ())
         ours = self._sessions.get(key)
         if (ours is not None and ours.initiator and now - ours.created < self._limits.challenge_ttl_s
                 and self._id < src_id):
@@ -790,15 +939,204 @@ class SessionLayer:
         pending.messages.append(message)
         if now - pending.last_random < limits.handshake_retry_s:
             return []
+        first_attempt = pending.last_random == -float("inf")
         pending.last_random = now
         nonce = self._random(12)
-        packet = (_HEADER.pack(MAGIC, VERSION, KIND_MESSAGE, nonce, _AUTH_MESSAGE) + self._id
-                  + self._random(_RANDOM_PAYLOAD))
+        if first_attempt and limits.zero_rtt and len(message) <= MAX_INITIATE_MESSAGE_BYTES:
+            # 0-RTT: only the first attempt; a retry (nothing came back) takes the WHOAREYOU path,
+            # which also reaches peers that drop INITIATEs
+            packet = self._build_initiate(pending, nonce, message, now)
+            if packet is None:
+                self._stats["pending_dropped"] += len(pending.messages)
+                self._remove_pending(key)
+                self._drop("bad_key", peer.address)
+                return []
+        else:
+            packet = (_HEADER.pack(MAGIC, VERSION, KIND_MESSAGE, nonce, _AUTH_MESSAGE) + self._id
+                      + self._random(_RANDOM_PAYLOAD))
         if len(pending.nonces) >= _MAX_RANDOM_NONCES:
             self._pending_by_nonce.pop(pending.nonces.pop(0), None)
         pending.nonces.append(nonce)
         self._pending_by_nonce[nonce] = key
         return [self._out(peer.address, packet)]
+
+    # --- 0-RTT first contact (docs/protocol.md, "0-RTT first contact") -------------------------
+
+    def _unix_ms(self, now: float) -> int:
+        """Our Unix time in ms at ``now``; the first call fixes our start for the guard."""
+        if self._unix_offset is None:  # the layer's only clock read, once (aio.py does the same)
+            self._unix_offset = time.time() - now
+        unix_ms = int((now + self._unix_offset) * 1000)
+        if not self._started:
+            self._started = True
+            self._guard.start(unix_ms)
+        return unix_ms
+
+    def _build_initiate(self, pending: _Pending, nonce: bytes, message: bytes, now: float) -> bytes | None:
+        """The INITIATE carrying ``message`` to ``pending.peer``: handshake step 3 with the
+        packet's own header (nonce, timestamp) where the WHOAREYOU was (Noise IK's first
+        message). None if the peer's key is unusable (it would fail the handshake too)."""
+        peer = pending.peer
+        id_b = bytes(peer.node_id)
+        try:
+            peer_x25519 = _x25519_public(bytes(peer.public_key))
+            ephemeral_key = nacl.public.PrivateKey(self._random(32))
+            secret = nacl.bindings.crypto_scalarmult(bytes(ephemeral_key), peer_x25519)
+        except nacl.exceptions.CryptoError:
+            return None
+        if secret == bytes(32):  # small-order point (RFC 7748 §6.1)
+            return None
+        ephemeral = bytes(ephemeral_key.public_key)
+        padding = max(0, MIN_INITIATE_BYTES - _INITIATE_HEAD - len(message) - _TAG)
+        signed = (_HEADER.pack(MAGIC, VERSION, KIND_INITIATE, nonce, _AUTH_INITIATE + padding) + self._public_key
+                  + ephemeral + _U64.pack(self._unix_ms(now)))
+        initiate_key, accept_key = _session_keys(secret, signed, self._id, id_b)
+        signature = self._identity.sign(SignaturePurpose.SESSION_INITIATE, _handshake_signed(signed, ephemeral, id_b))
+        header = signed + signature + bytes(padding)
+        pending.initiate = _Initiate(nonce, secret, signed, accept_key, message, now)
+        self._stats["initiates_sent"] += 1
+        return header + aead.encrypt(message, header, nonce, initiate_key)
+
+    def _on_initiate(self, datagram: bytes, source: Address, nonce: bytes, head: int, now: float) -> Received:
+        """The responder's side of an INITIATE: the guard's rules (zero_rtt.py), then handshake
+        step 4 with the INITIATE's own header as the challenge."""
+        public_key = datagram[_STATIC:_STATIC + 32]
+        ephemeral = datagram[_STATIC + 32:_STATIC + 64]
+        signed = datagram[:_INITIATE_SIGNED]
+        src_id = hashlib.sha256(public_key).digest()[:NODE_ID_BYTES]
+        if not self._limits.zero_rtt:  # refused as a random packet is: the handshake follows
+            return self._challenge_unreadable(src_id, source, nonce, "initiate_disabled", now)
+        timestamp = _U64.unpack_from(datagram, _STATIC + 64)[0]
+        verdict = self._guard.check(timestamp, ephemeral, self._unix_ms(now), now)
+        if verdict == INITIATE_REPLAYED:
+            # accepted before (a duplicate or a replay): its sender already has our answer
+            return self._drop(verdict, source)
+        if verdict != FRESH:  # stale, or too many to vouch for: the old round trip, nothing lost
+            return self._challenge_unreadable(src_id, source, nonce, verdict, now)
+        if not verify_signature(public_key, SignaturePurpose.SESSION_INITIATE,
+                                _handshake_signed(signed, ephemeral, self._id),
+                                datagram[_INITIATE_SIGNED:_INITIATE_HEAD]):
+            return self._drop("bad_signature", source)  # forged, tampered, or meant for another node
+        try:
+            secret = nacl.bindings.crypto_scalarmult(self._x25519_secret, ephemeral)
+        except nacl.exceptions.CryptoError:
+            return self._drop("bad_key", source)
+        if secret == bytes(32):  # small-order point (RFC 7748 §6.1)
+            return self._drop("bad_key", source)
+        initiate_key, accept_key = _session_keys(secret, signed, src_id, self._id)
+        message = aead.decrypt(datagram[head:], datagram[:head], nonce, initiate_key)
+        if message is None:
+            return self._drop("decrypt_failed", source)
+        self._guard.remember(timestamp, ephemeral)  # whatever follows: it is used up
+        key = (src_id, source)
+        if self._id < src_id and self._initiating(key, now):
+            # Crossing first contacts: the lower node ID's INITIATE wins on both sides (as for
+            # crossing handshakes). The higher one sends what its INITIATE carried in ours.
+            self._stats["handshakes_crossed"] += 1
+            return _NOTHING
+        token = self._random(_TOKEN)
+        initiator_key, recipient_key = _session_keys(secret, signed + token, src_id, self._id)
+        session = _Session(Contact(public_key, source), recipient_key, initiator_key, now)
+        session.validated = False
+        session.accept = (nonce, token, accept_key)
+        self._install(key, session)
+        if source not in self._session_ids_at and source not in self._unvalidated:
+            self._credit(source, len(datagram))  # its bytes were not counted: the address had a session
+        self._stats["initiates_accepted"] += 1
+        self._stats["handshakes_completed"] += 1
+        delivered: tuple[Delivered, ...] = ()
+        if message:
+            self._stats["delivered"] += 1
+            delivered = (Delivered(session.peer, message),)
+        pending = self._pending.get(key)
+        if pending is None:
+            return Received(delivered, ())
+        # what waited for our own handshake goes in this session (the first as its ACCEPT)
+        self._remove_pending(key)
+        outgoing: list[Outgoing] = []
+        for m in pending.messages:
+            outgoing.extend(self._seal_unvalidated(session, m))
+        return Received(delivered, tuple(outgoing))
+
+    def _initiating(self, key: tuple[bytes, Address], now: float) -> bool:
+        """Whether we are opening a session with ``key`` ourselves: our INITIATE is out, or we
+        made the session less than ``challenge_ttl_s`` ago."""
+        if self._initiate_live(key, now):
+            return True
+        ours = self._sessions.get(key)
+        return ours is not None and ours.initiator and now - ours.created < self._limits.challenge_ttl_s
+
+    def _initiate_live(self, key: tuple[bytes, Address], now: float) -> bool:
+        """Whether our INITIATE to ``key`` went out less than ``challenge_ttl_s`` ago, unanswered."""
+        pending = self._pending.get(key)
+        return (pending is not None and pending.initiate is not None
+                and now - pending.initiate.sent < self._limits.challenge_ttl_s)
+
+    def _seal_unvalidated(self, session: _Session, message: bytes) -> list[Outgoing]:
+        """Send in an INITIATE's session whose address has not proved it receives: the first
+        packet is the ACCEPT with our token; each obeys the 3x rule (RFC 9000 §8.1)."""
+        address = session.peer.address
+        accept = session.accept
+        size = (_ACCEPT_HEAD if accept is not None else _MESSAGE_HEAD) + len(message) + _TAG
+        if not self._may_send(address, size):
+            self._drop("amplification_limited", address)
+            return []
+        if accept is None:
+            return [self._seal(session, message)]
+        session.accept = None
+        nonce, token, accept_key = accept
+        header = _HEADER.pack(MAGIC, VERSION, KIND_ACCEPT, nonce, _AUTH_ACCEPT) + self._id + token
+        session.last_message = _kept(message)
+        return [self._out(address, header + aead.encrypt(message, header, nonce, accept_key))]
+
+    def _on_accept(self, datagram: bytes, source: Address, nonce: bytes, now: float) -> Received:
+        """The initiator's side: the ACCEPT answers our INITIATE (it echoes its nonce); the
+        session keys mix in its token, and what waited goes out in the session."""
+        key = self._pending_by_nonce.get(nonce)
+        pending = self._pending.get(key) if key is not None else None
+        if (pending is None or key[1] != source or key[0] != datagram[_STATIC:_STATIC + NODE_ID_BYTES]
+                or pending.initiate is None or pending.initiate.nonce != nonce):
+            return self._drop("unsolicited_accept", source)
+        initiate = pending.initiate
+        message = aead.decrypt(datagram[_ACCEPT_HEAD:], datagram[:_ACCEPT_HEAD], nonce, initiate.accept_key)
+        if message is None:
+            return self._drop("decrypt_failed", source)  # not from the peer: the real one may follow
+        self._remove_pending(key)
+        if now - pending.created >= self._limits.pending_ttl_s:
+            self._stats["pending_dropped"] += len(pending.messages)
+            return self._drop("unsolicited_accept", source)
+        token = datagram[_ACCEPT_HEAD - _TOKEN:_ACCEPT_HEAD]
+        initiator_key, recipient_key = _session_keys(initiate.secret, initiate.signed + token, self._id, key[0])
+        session = _Session(pending.peer, initiator_key, recipient_key, now)
+        session.initiator = True  # for crossing handshakes; confirmed: the peer answered in it
+        self._install(key, session)
+        self._stats["handshakes_initiated"] += 1
+        delivered: tuple[Delivered, ...] = ()
+        if message:
+            self._stats["delivered"] += 1
+            delivered = (Delivered(session.peer, message),)
+        rest = list(pending.messages)
+        if initiate.message in rest:  # delivered with the INITIATE
+            rest.remove(initiate.message)
+        return Received(delivered, tuple(self._seal(session, m) for m in rest))
+
+    def _validate(self, key: tuple[bytes, Address], session: _Session) -> None:
+        """The peer of an INITIATE's session sent in it: its address receives (it used our
+        token), so the session is like any other from now on."""
+        session.validated = True
+        session.accept = None
+        self._unvalidated_sessions.pop(key, None)
+        self._session_ids_at[key[1]] = self._session_ids_at.get(key[1], ()) + (key[0],)
+        self._unvalidated.pop(key[1], None)
+        self._stats["addresses_validated"] += 1
+
+    def _settle(self, key: tuple[bytes, Address], session: _Session) -> bool:
+        """Validate an INITIATE's session if the peer sent in it through the fast path (which
+        opens MESSAGEs with the session's cipher without telling us); whether it is validated."""
+        if session.cipher.recv_max:
+            self._validate(key, session)
+            return True
+        return False
 
     def _out(self, address: Address, packet: bytes) -> Outgoing:
         self._stats["packets_out"] += 1
@@ -808,8 +1146,18 @@ class SessionLayer:
     # --- tables ---------------------------------------------------------------------------------
 
     def _install(self, key: tuple[bytes, Address], session: _Session) -> None:
-        """A new handshake replaces the old session; the least recently used goes when full."""
+        """A new handshake replaces the old session; the least recently used goes when full. An
+        INITIATE's session (not validated) does not validate the address; at most
+        ``max_unvalidated_sessions`` of them are kept, the oldest dropped."""
         self._remove_session(key)
+        if not session.validated:
+            unvalidated = self._unvalidated_sessions
+            while len(unvalidated) >= self._limits.max_unvalidated_sessions:
+                oldest = next(iter(unvalidated))
+                if not self._settle(oldest, self._sessions[oldest]):
+                    self._remove_session(oldest)
+                    self._stats["sessions_evicted"] += 1
+            unvalidated[key] = None
         sessions = self._sessions
         while len(sessions) >= self._limits.max_sessions:  # CLOCK: a used session gets a 2nd chance
             oldest, candidate = next(iter(sessions.items()))
@@ -820,8 +1168,11 @@ class SessionLayer:
             self._remove_session(oldest)
             self._stats["sessions_evicted"] += 1
         self._sessions[key] = session
-        self._session_ids_at[key[1]] = self._session_ids_at.get(key[1], ()) + (key[0],)
-        self._unvalidated.pop(key[1], None)  # the address proved it receives
+        if session.validated:
+            self._session_ids_at[key[1]] = self._session_ids_at.get(key[1], ()) + (key[0],)
+            self._unvalidated.pop(key[1], None)  # the address proved it receives
+        # An INITIATE's session is indexed at once, as a HANDSHAKE's: the fast path answers only
+        # a MESSAGE under the keys our ACCEPT's token went into, i.e. from a validated address.
         self._index(key, session)
 
     def _index(self, key: tuple[bytes, Address], session: _Session) -> None:
@@ -842,16 +1193,21 @@ class SessionLayer:
             responder.remove(fast_key)
 
     def _remove_session(self, key: tuple[bytes, Address]) -> None:
-        if self._sessions.pop(key, None) is not None:
-            if self._responder is not None:
-                fast_key = index_key(key[0], key[1])
-                if fast_key is not None:
-                    self._responder.remove(fast_key)
-            ids = tuple(i for i in self._session_ids_at[key[1]] if i != key[0])
-            if ids:
-                self._session_ids_at[key[1]] = ids
-            else:
-                del self._session_ids_at[key[1]]
+        session = self._sessions.pop(key, None)
+        if session is None:
+            return
+        if self._responder is not None:
+            fast_key = index_key(key[0], key[1])
+            if fast_key is not None:
+                self._responder.remove(fast_key)
+        if not session.validated:  # not counted at its address
+            del self._unvalidated_sessions[key]
+            return
+        ids = tuple(i for i in self._session_ids_at[key[1]] if i != key[0])
+        if ids:
+            self._session_ids_at[key[1]] = ids
+        else:
+            del self._session_ids_at[key[1]]
 
     def _pop_challenge(self, key: tuple[bytes, Address]) -> _Challenge | None:
         challenge = self._challenges.pop(key, None)

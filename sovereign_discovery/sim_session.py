@@ -13,17 +13,28 @@ to the node ID it claims. What this keeps and what it leaves out:
   limit, and the rule that a message is delivered only from the sender it names (a frame from an
   address the directory does not know, or naming another node ID, is dropped as
   ``unknown_peer``). Network input never raises; drops are counted per reason.
-- Left out: handshakes (no WHOAREYOU round trip before the first message to a peer), encryption,
-  replay windows, anti-amplification, and the per-peer session table (so no memory per session).
+- Round trips as the real layer's, by ``limits.zero_rtt`` (docs/protocol.md): on (the default),
+  the first message to a peer goes at once, as the real layer's 0-RTT INITIATE does, and the
+  answer comes straight back; no per-peer state is kept. Off, the WHOAREYOU handshake is
+  modelled: the first send to a peer without a (simulated) session sends a HELLO frame and queues
+  the message; the peer answers a CHALLENGE frame; the queued messages then go. A frame received
+  from a peer opens a session with it (the real responder's session after the HANDSHAKE), so
+  answers go at once. Sessions (``max_sessions``, least recently used dropped) and queued
+  messages (``max_pending_peers`` × ``max_pending_messages_per_peer``, ``pending_ttl_s``) are
+  bounded as in the real layer; a lost CHALLENGE is retried after ``handshake_retry_s``.
+- Left out: encryption, replay windows, anti-amplification, the 0-RTT guard's refusals (clock,
+  cache, rate) and packet sizes (an INITIATE's padding).
   It is *not* a security mechanism: anything that can put bytes in the simulator with a forged
   source address defeats it. Never use it on a real network; a real driver has no directory.
 
-Frame: ``b"sd" || version (1) || kind 0x7F || sender node ID (20 bytes) || message``. The kind is
-one the real layer rejects (``unknown_kind``), so the two can never be confused.
+Frame: ``b"sd" || version (1) || kind || sender node ID (20 bytes) || message``, kind 0x7F (a
+message), 0x7E (HELLO) or 0x7D (CHALLENGE), kinds the real layer rejects (``unknown_kind``), so the
+two can never be confused.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Mapping
 
 from .addresses import Address
@@ -48,9 +59,13 @@ from .wire import intern_contact
 
 __all__ = ["SimulatedSessionLayer", "SimulatedDirectory", "KIND_SIMULATED", "DROP_REASONS"]
 
-#: The frame kind of simulated sessions (the real layer knows 0, 1 and 2 only).
+#: The frame kind of simulated sessions (the real layer knows 0 to 4 only).
 KIND_SIMULATED = 0x7F
+_KIND_HELLO = 0x7E  # zero_rtt off: the random packet of the WHOAREYOU handshake
+_KIND_CHALLENGE = 0x7D  # zero_rtt off: its WHOAREYOU
 _PREFIX = MAGIC + bytes((VERSION, KIND_SIMULATED))
+_HELLO = MAGIC + bytes((VERSION, _KIND_HELLO))
+_CHALLENGE = MAGIC + bytes((VERSION, _KIND_CHALLENGE))
 _HEAD = len(_PREFIX) + NODE_ID_BYTES  # 24
 
 #: Every reason a frame is dropped: the real layer's (so the engine's ``session.*`` drop counters
@@ -58,7 +73,8 @@ _HEAD = len(_PREFIX) + NODE_ID_BYTES  # 24
 DROP_REASONS = (*REAL_DROP_REASONS, "unknown_peer")
 
 _NOTHING = Received((), ())
-_COUNTERS = ("packets_in", "bytes_in", "packets_out", "bytes_out", "delivered", *DROP_REASONS)
+_COUNTERS = ("packets_in", "bytes_in", "packets_out", "bytes_out", "delivered", "handshakes_initiated",
+             "pending_dropped", "sessions_evicted", *DROP_REASONS)
 
 
 class SimulatedDirectory:
@@ -102,20 +118,31 @@ class SimulatedSessionLayer:
     module docstring). Give it to :class:`~sovereign_discovery.node.DhtEngine` as
     ``session_layer=``. Simulations only."""
 
-    __slots__ = ("_id", "_directory", "_stats")
+    __slots__ = ("_id", "_directory", "_stats", "_limits", "_sessions", "_pending")
 
-    #: The real layer's limits, for the interface: unused (no per-peer state to bound).
-    limits = SessionLimits()
-
-    def __init__(self, identity: Identity, directory: SimulatedDirectory) -> None:
+    def __init__(self, identity: Identity, directory: SimulatedDirectory, *,
+                 limits: SessionLimits = SessionLimits()) -> None:
         if not isinstance(identity, Identity):
             raise ArgumentTypeError(f"identity must be an Identity, not {type(identity).__name__}")
         if not isinstance(directory, SimulatedDirectory):
             raise ArgumentTypeError(
                 f"directory must be a SimulatedDirectory, not {type(directory).__name__}")
+        if not isinstance(limits, SessionLimits):
+            raise ArgumentTypeError(f"limits must be SessionLimits, not {type(limits).__name__}")
         self._id = bytes(identity.node_id)
         self._directory = directory
         self._stats = Counters(_COUNTERS)  # created on first use
+        self._limits = limits
+        #: zero_rtt off only: peers we hold a simulated session with (least recently used first),
+        #: and messages waiting for a CHALLENGE: key -> [first queued at, last HELLO at, messages]
+        self._sessions: OrderedDict[tuple[bytes, Address], None] = OrderedDict()
+        self._pending: OrderedDict[tuple[bytes, Address], list] = OrderedDict()
+
+    @property
+    def limits(self) -> SessionLimits:
+        """The real layer's limits: ``zero_rtt`` chooses the round trips modelled; with it off,
+        the session and queue caps apply."""
+        return self._limits
 
     @property
     def node_id(self) -> bytes:
@@ -125,7 +152,8 @@ class SimulatedSessionLayer:
     def stats(self) -> dict[str, int]:
         """Counters as the real layer's; ``sessions`` is always 0 (no per-peer state)."""
         out = self._stats.full()
-        out["sessions"] = 0
+        out["sessions"] = len(self._sessions)
+        out["pending_peers"] = len(self._pending)
         return out
 
     def has_session(self, node_id: bytes, address: Address, now: float | None = None) -> bool:
@@ -135,13 +163,50 @@ class SimulatedSessionLayer:
         return contact is not None and contact.node_id == bytes(node_id)
 
     def send(self, peer: Contact, message: bytes, now: float) -> list[Outgoing]:
-        """One frame to ``peer.address`` carrying ``message`` (no handshake, no encryption)."""
+        """One frame to ``peer.address`` carrying ``message`` (no encryption); with ``zero_rtt``
+        off and no session with ``peer``, a HELLO instead, the message queued."""
         message = check_send(peer, message)
-        frame = _PREFIX + self._id + message
+        if not self._limits.zero_rtt:
+            key = (bytes(peer.node_id), peer.address)
+            if key in self._sessions:
+                self._sessions.move_to_end(key)
+            else:
+                return self._queue(key, message, now)
+        return [self._frame(peer.address, _PREFIX, message)]
+
+    def _frame(self, address: Address, prefix: bytes, message: bytes = b"") -> Outgoing:
+        frame = prefix + self._id + message
         stats = self._stats
         stats["packets_out"] += 1
         stats["bytes_out"] += len(frame)
-        return [Outgoing(peer.address, frame)]
+        return Outgoing(address, frame)
+
+    def _queue(self, key: tuple[bytes, Address], message: bytes, now: float) -> list[Outgoing]:
+        limits, pending = self._limits, self._pending
+        entry = pending.get(key)
+        if entry is not None and now - entry[0] >= limits.pending_ttl_s:
+            self._stats["pending_dropped"] += len(pending.pop(key)[2])
+            entry = None
+        if entry is None:
+            while len(pending) >= limits.max_pending_peers:
+                self._stats["pending_dropped"] += len(pending.popitem(last=False)[1][2])
+            entry = pending[key] = [now, -float("inf"), []]
+        if len(entry[2]) >= limits.max_pending_messages_per_peer:
+            del entry[2][0]
+            self._stats["pending_dropped"] += 1
+        entry[2].append(message)
+        if now - entry[1] < limits.handshake_retry_s:
+            return []
+        entry[1] = now
+        return [self._frame(key[1], _HELLO)]
+
+    def _open(self, key: tuple[bytes, Address]) -> None:
+        sessions = self._sessions
+        sessions[key] = None
+        sessions.move_to_end(key)
+        while len(sessions) > self._limits.max_sessions:
+            sessions.popitem(last=False)
+            self._stats["sessions_evicted"] += 1
 
     def receive(self, datagram: bytes, source: Address, now: float) -> Received:
         """Deliver the frame's message if the directory binds its node ID to ``source``; else
@@ -159,16 +224,35 @@ class SimulatedSessionLayer:
             return self._drop("bad_magic")
         if datagram[2] != VERSION:
             return self._drop("unknown_version")
-        if datagram[3] != KIND_SIMULATED:
+        kind = datagram[3]
+        if kind != KIND_SIMULATED and (kind not in (_KIND_HELLO, _KIND_CHALLENGE) or size != _HEAD):
             return self._drop("unknown_kind")
         contact = self._directory.get(source)
         if contact is None or contact.node_id != datagram[4:_HEAD]:
             return self._drop("unknown_peer")
+        if kind == _KIND_HELLO:  # answered as the real layer answers a random packet
+            return Received((), (self._frame(source, _CHALLENGE),))
+        key = (bytes(contact.node_id), source)
+        if kind == _KIND_CHALLENGE:
+            entry = self._pending.pop(key, None)
+            if entry is None or now - entry[0] >= self._limits.pending_ttl_s:
+                return self._drop("unsolicited_whoareyou")
+            self._open(key)
+            self._stats["handshakes_initiated"] += 1
+            return Received((), tuple(self._frame(source, _PREFIX, m) for m in entry[2]))
+        if not self._limits.zero_rtt:
+            self._open(key)  # the responder's session after the HANDSHAKE
         stats["delivered"] += 1
         return Received((Delivered(contact, datagram[_HEAD:]),), ())
 
     def expire(self, now: float) -> None:
-        """Nothing to expire (no per-peer state)."""
+        """Drop messages queued past ``pending_ttl_s`` (zero_rtt off; otherwise no state)."""
+        pending = self._pending
+        while pending:
+            key, entry = next(iter(pending.items()))
+            if now - entry[0] < self._limits.pending_ttl_s:
+                break
+            self._stats["pending_dropped"] += len(pending.pop(key)[2])
 
     def _drop(self, reason: str) -> Received:
         self._stats[reason] += 1

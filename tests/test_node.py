@@ -25,7 +25,7 @@ from sovereign_discovery.identity import Identity
 from sovereign_discovery.node import INITIAL_RTO_S, MAX_RTO_S, MIN_RTO_S, DhtConfig, DhtEngine
 from sovereign_discovery.records import PeerRecord
 from sovereign_discovery.routing import Contact
-from sovereign_discovery.session import SessionLayer
+from sovereign_discovery.session import SessionLayer, SessionLimits
 from sovereign_discovery.testing import LinkModel, SimulatedNetwork
 from sovereign_discovery.wire import (
     FindNode,
@@ -55,10 +55,10 @@ def make_engine(seed: int, address: Address | None = None, *, now: float = 0.0,
 class Client:
     """A scripted peer: a bare session layer whose messages the test writes by hand."""
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, limits: SessionLimits = SessionLimits()) -> None:
         r = random.Random(seed)
         self.identity = Identity.from_seed(r.randbytes(32))
-        self.session = SessionLayer(self.identity, random_bytes=r.randbytes)
+        self.session = SessionLayer(self.identity, random_bytes=r.randbytes, limits=limits)
         self.outbox: list[tuple[Address, bytes]] = []
         self.inbox: list[tuple[Contact, object]] = []
 

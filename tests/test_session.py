@@ -31,7 +31,10 @@ def ident(tag: int) -> Identity:
 
 
 def layer(identity: Identity, seed: int = 0, **limits) -> SessionLayer:
+    """A layer with seeded randomness. These tests are about the WHOAREYOU handshake, so 0-RTT
+    is off unless asked for (tests/test_session_zero_rtt.py covers it)."""
     rng = random.Random(seed)
+    limits.setdefault("zero_rtt", False)
     return SessionLayer(identity, random_bytes=rng.randbytes, limits=SessionLimits(**limits))
 
 
