@@ -424,8 +424,10 @@ class DhtEngine:
             raise ArgumentTypeError(
                 f"session_limits must be a SessionLimits, not {type(session_limits).__name__}")
         if session_layer is None:
+            # The engine's Unix clock, for the 0-RTT freshness window (session.py).
             self._session = SessionLayer(identity, random_bytes=random_bytes,
-                                         limits=session_limits or SessionLimits())
+                                         limits=session_limits or SessionLimits(),
+                                         unix_offset=self._unix_offset)
         else:
             # Simulations only (sim_session.SimulatedSessionLayer): a layer with the same
             # interface, built for this identity.

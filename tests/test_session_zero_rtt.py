@@ -678,18 +678,17 @@ def test_the_simulated_layer_models_the_same_round_trips(zero_rtt, frames):
 # --- through the engine -------------------------------------------------------------------------
 
 
-def test_engines_meet_by_zero_rtt_when_their_session_layers_share_the_engines_clock():
-    """DhtEngine does not yet pass its ``unix_offset`` to the session layer it builds (node.py);
-    given a layer that has it, a node's first contact with a running one is 0-RTT end to end."""
+def test_engines_meet_by_zero_rtt_on_the_engines_clock():
+    """DhtEngine gives the session layer it builds its own ``unix_offset`` (virtual time here), so
+    a node's first contact with a running one is 0-RTT end to end."""
     from sovereign_discovery.node import DhtEngine
     from tests.test_node import EPOCH as ENGINE_EPOCH, Hand
 
     def engine(seed: int, address: Address) -> DhtEngine:
         r = random.Random(seed)
         identity = Identity.from_seed(r.randbytes(32))
-        session = SessionLayer(identity, random_bytes=r.randbytes, unix_offset=ENGINE_EPOCH)
         return DhtEngine(identity, random_bytes=r.randbytes, rng=random.Random(seed + 1), now=0.0,
-                         unix_offset=ENGINE_EPOCH, advertised_address=address, session_layer=session)
+                         unix_offset=ENGINE_EPOCH, advertised_address=address)
 
     hand = Hand()
     a, b = hand.add(engine(1, A_ADDR), A_ADDR), hand.add(engine(2, B_ADDR), B_ADDR)
