@@ -106,10 +106,21 @@ def first_request(zero_rtt: bool) -> dict[str, int]:
     return {"datagrams": datagrams, "bytes": bytes_, "round_trips": round_trips}
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--count", type=int, default=300, help="packets per run")
-    parser.add_argument("--repeat", type=int, default=5, help="runs (the best of each figure is kept)")
+    parser.add_argument("--count", type=_positive, default=300, help="packets per run (300)")
+    parser.add_argument("--repeat", type=_positive, default=5,
+                        help="runs (the best of each figure is kept; 5)")
     args = parser.parse_args()
     runs = [one_run(args.count, run) for run in range(args.repeat)]
     best = {name: round(min(run[name] for run in runs), 1) for name in runs[0]}
