@@ -144,6 +144,8 @@ DROP_REASONS = (
     "outstanding_full",  # a request not sent: max_outstanding_requests reached
     "lookups_full",  # a lookup not started: max_lookups reached
     "no_route",  # a request not sent: the peer's address family has no socket (it fails at once)
+    "unproven_address",  # a known contact heard at a new address its session has not proven (0-RTT):
+    # the request is served, the table keeps the old address
     "internal_error",  # a bug: the input raised inside the engine (logged with a traceback)
 )
 
@@ -891,6 +893,13 @@ class DhtEngine:
         last = entered.get(key)
         if last is not None and now - last < _REENTER_S:
             return
+        if not self._session.address_proven(peer.node_id, peer.address):
+            held = self._table.get(peer.node_id)
+            if held is not None and held.address != peer.address:
+                # A 0-RTT first message from an address not yet proven does not move a contact
+                # (a copy raced from elsewhere could; docs/security.md, "0-RTT first contact").
+                self._drop("unproven_address", "%s kept at %s, not moved", held, held.address)
+                return
         if len(entered) >= self._config.max_rtt_entries:
             entered.clear()
         entered[key] = now

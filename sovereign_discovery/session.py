@@ -515,6 +515,15 @@ class SessionLayer:
     def limits(self) -> SessionLimits:
         return self._limits
 
+    def address_proven(self, node_id: bytes, address: Address) -> bool:
+        """Whether we share a session with ``node_id`` at ``address`` and that address has proved
+        it receives: every session a HANDSHAKE made, and an INITIATE's once the peer sent in it
+        (docs/security.md, "0-RTT first contact": until then its first message may be a copy
+        raced from another address)."""
+        key = (bytes(node_id), address)
+        session = self._sessions.get(key)
+        return session is not None and (session.validated or self._settle(key, session))
+
     @property
     def stats(self) -> dict[str, int]:
         """Counters (packets/bytes in and out, each drop reason, …) and current table sizes;

@@ -148,6 +148,10 @@ class SimulatedSessionLayer:
     def node_id(self) -> bytes:
         return self._id
 
+    def address_proven(self, node_id: bytes, address: Address) -> bool:
+        """Always True: the simulated network delivers from the true source, no one spoofs."""
+        return True
+
     @property
     def stats(self) -> dict[str, int]:
         """Counters as the real layer's; ``sessions`` is always 0 (no per-peer state)."""

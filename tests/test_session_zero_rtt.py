@@ -702,3 +702,39 @@ def test_engines_meet_by_zero_rtt_on_the_engines_clock():
     assert session["initiates_fell_back"] == 0 and session["initiates_sent"] >= 1
     assert b.stats()["session"]["initiates_accepted"] == 1 and b.stats()["session"]["addresses_validated"] == 1
     assert b.node_id in c.table and c.node_id in b.table
+
+
+def test_a_raced_copy_of_an_initiate_does_not_move_a_known_contact():
+    """An observer copies A's INITIATE and delivers it to B first from another address X: B
+    serves the request (it cannot tell), but the contact B holds for A at its proven address stays
+    there (node.py, ``unproven_address``); A's own copy is then a replay."""
+    from sovereign_discovery.addresses import Address
+    from sovereign_discovery.node import DhtEngine
+    from tests.test_node import EPOCH as ENGINE_EPOCH, Hand
+
+    x_addr = Address("192.0.2.99", 4000)
+
+    def engine(seed: int, address: Address, now: float = 0.0) -> DhtEngine:
+        r = random.Random(seed)
+        identity = Identity.from_seed(random.Random(seed).randbytes(32))
+        return DhtEngine(identity, random_bytes=r.randbytes, rng=random.Random(seed + 1), now=now,
+                         unix_offset=ENGINE_EPOCH, advertised_address=address)
+
+    hand = Hand()
+    a, b = hand.add(engine(1, A_ADDR), A_ADDR), hand.add(engine(2, B_ADDR), B_ADDR)
+    a.bootstrap([b.contact(B_ADDR)], 0.0)
+    hand.pump(0.0)
+    assert b.table.get(a.node_id).address == A_ADDR  # proven by the WHOAREYOU handshake
+    # A restarts (same key, same address, no session): its first packet to B is an INITIATE.
+    restarted = engine(1, A_ADDR, T)
+    restarted.ping(b.contact(B_ADDR), T)
+    (destination, initiate), = restarted.datagrams_to_send()
+    assert destination == B_ADDR and initiate[3] == KIND_INITIATE
+    b.receive_datagram(initiate, x_addr, T)  # the raced copy arrives first
+    assert b.stats()["session"]["initiates_accepted"] == 1
+    assert [d for d, _ in b.datagrams_to_send()] == [x_addr]  # served, within the 3x rule
+    assert b.table.get(a.node_id).address == A_ADDR  # not moved to X
+    assert b.stats()["drops"]["unproven_address"] == 1
+    b.receive_datagram(initiate, A_ADDR, T)  # A's own copy: a replay now
+    assert b.stats()["drops"]["session.initiate_replayed"] == 1
+    assert b.table.get(a.node_id).address == A_ADDR
