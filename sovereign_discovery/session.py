@@ -1050,7 +1050,8 @@ class SessionLayer:
         session.accept = (nonce, token, accept_key)
         self._install(key, session)
         if source not in self._session_ids_at and source not in self._unvalidated:
-            self._credit(source, len(datagram))  # its bytes were not counted: the address had a session
+            # not counted on receipt: the address had a proven session, which _install just replaced
+            self._credit(source, len(datagram))
         self._stats["initiates_accepted"] += 1
         self._stats["handshakes_completed"] += 1
         delivered: tuple[Delivered, ...] = ()

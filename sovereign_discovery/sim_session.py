@@ -154,7 +154,8 @@ class SimulatedSessionLayer:
 
     @property
     def stats(self) -> dict[str, int]:
-        """Counters as the real layer's; ``sessions`` is always 0 (no per-peer state)."""
+        """Counters as the real layer's; ``sessions`` and ``pending_peers`` are 0 unless
+        ``zero_rtt`` is off (with it on, no per-peer state is kept)."""
         out = self._stats.full()
         out["sessions"] = len(self._sessions)
         out["pending_peers"] = len(self._pending)
