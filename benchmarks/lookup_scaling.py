@@ -305,10 +305,10 @@ def fill_from_global_view(sim: Sim, rng: random.Random, show: bool) -> None:
     ints = [int.from_bytes(sim.engines[i].node_id, "big") for i in order]
     now, unix = sim.net.now, sim.net.now + EPOCH
     progress = Progress(show, f"{size} nodes: filling tables", size)
+    sorted_contacts = [sim.contacts[i] for i in order]
     for done, i in enumerate(order):
-        engine = sim.engines[i]
-        table = engine.table
         me = ints[done]
+        picked = []
         for prefix in range(160):
             shift = 159 - prefix
             low = ((me >> shift) ^ 1) << shift  # same first `prefix` bits, the next one flipped
@@ -316,11 +316,12 @@ def fill_from_global_view(sim: Sim, rng: random.Random, show: bool) -> None:
             end = bisect.bisect_left(ints, low + (1 << shift))
             if end > start:
                 picks = range(start, end) if end - start <= k else rng.sample(range(start, end), k)
-                for j in picks:
-                    table.insert(sim.contacts[order[j]], now)
+                picked.extend(sorted_contacts[j] for j in picks)
             own_low = (me >> shift) << shift  # nodes sharing at least prefix + 1 bits: only me?
             if bisect.bisect_left(ints, own_low + (1 << shift)) - bisect.bisect_left(ints, own_low) <= 1:
                 break
+        # the table insert() would build from these (at most k per prefix), in one pass
+        sim.engines[i].table.load(picked, now)
         progress.update(done + 1)
     progress.close()
     index = KeyspaceIndex((sim.engines[i].node_id, i) for i in order)  # exact closest-n

@@ -164,6 +164,22 @@ _NO_CAPABILITIES: frozenset[str] = frozenset()
 _MESSAGE_NAMES = tuple(t.name.lower() for t in MessageType)  # the messages_in/_out counters
 
 
+class _NoEntries(OrderedDict):
+    """The one empty table every engine starts its per-peer tables with (finished requests,
+    RTT estimators, rate-limit buckets, failure counts, address votes): 5 OrderedDicts, 640
+    bytes an engine, that most of a million simulated engines never fill. Reading, ``pop`` with
+    a default and a bounded ``while table:`` work on it; adding raises, so a write site that
+    forgot to take its own table (``DhtEngine._own``) fails loudly instead of sharing entries."""
+
+    __slots__ = ()
+
+    def __setitem__(self, key, value) -> None:
+        raise TypeError("the shared empty table is read-only: take the engine's own first")
+
+
+_NO_ENTRIES = _NoEntries()
+
+
 def _shared(value):
     """The one kept instance equal to the immutable ``value`` (``value`` itself if it is new)."""
     held = _SHARED.get(value)
@@ -455,21 +471,21 @@ class DhtEngine:
         self._timer_seq = 0
         #: request ID -> ((peer ID, address), drop reason, forget at) of requests recently
         #: finished, oldest first: bounded in count and kept past the deadline as long as the request had
-        self._done: OrderedDict[bytes, tuple[Contact, str, float]] = OrderedDict()
+        self._done: OrderedDict[bytes, tuple[Contact, str, float]] = _NO_ENTRIES
         self._queries: dict[QueryId, _Query] = {}
         self._next_query = 1
         #: node ID -> complex(srtt, rttvar): one 32-byte object per peer, not a list and two floats
-        self._rtt: OrderedDict[bytes, complex] = OrderedDict()
-        self._ip_buckets: OrderedDict[object, _TokenBucket] = OrderedDict()
+        self._rtt: OrderedDict[bytes, complex] = _NO_ENTRIES
+        self._ip_buckets: OrderedDict[object, _TokenBucket] = _NO_ENTRIES
         self._global_bucket = _TokenBucket(config.burst_global, now)
         self._next_upkeep = now + config.upkeep_interval_s
         self._own_record: PeerRecord | None = None
         self._capabilities: frozenset[str] = _NO_CAPABILITIES  # replaced when one is added
         self._published = False  # announce_record was called: keep the record published
         self._republish_at = math.inf
-        self._failures: OrderedDict[bytes, int] = OrderedDict()  # table contact -> failed requests in a row
+        self._failures: OrderedDict[bytes, int] = _NO_ENTRIES  # table contact -> failed requests in a row
         #: voter's IP group -> (address reported, when), oldest first
-        self._votes: OrderedDict[tuple[int, int], tuple[Address, float]] = OrderedDict()
+        self._votes: OrderedDict[tuple[int, int], tuple[Address, float]] = _NO_ENTRIES
         self._stats_evicted = 0
         self._liveness_failed = 0
         #: (node ID, address) -> when it last entered the table (cleared when full)
@@ -876,6 +892,8 @@ class DhtEngine:
         buckets = self._ip_buckets
         bucket = buckets.get(ip)
         if bucket is None:
+            if buckets is _NO_ENTRIES:
+                buckets = self._ip_buckets = OrderedDict()
             while len(buckets) >= config.max_rate_limited_ips:
                 buckets.popitem(last=False)
             bucket = buckets[ip] = _TokenBucket(config.burst_per_ip, now)
@@ -946,7 +964,7 @@ class DhtEngine:
         held = self._table.get(peer.node_id)
         if held is None or held.address != peer.address:
             return
-        failures = self._failures
+        failures = self._failures if self._failures is not _NO_ENTRIES else self._own("_failures")
         count = failures.pop(peer.node_id, 0) + 1
         if count >= self._config.evict_after_failures:
             self._stats_evicted += 1
@@ -963,7 +981,7 @@ class DhtEngine:
         if not self._learn_address:
             return
         config = self._config
-        votes = self._votes
+        votes = self._votes if self._votes is not _NO_ENTRIES else self._own("_votes")
         group = voter.address.ip_group()
         votes.pop(group, None)
         votes[group] = (observed, now)
@@ -1104,7 +1122,7 @@ class DhtEngine:
         so that a late or second answer is counted as ``late_response`` / ``duplicate_response``
         rather than as unsolicited; then forget it (per-peer state must not grow with the peers a
         node ever talked to: a fixed 10 s kept ~140 entries, ~30 KB, per node after a join)."""
-        done = self._done
+        done = self._done if self._done is not _NO_ENTRIES else self._own("_done")
         self._forget_done(request.sent_at)  # now >= sent_at: whatever expired by then goes
         while len(done) >= self._config.max_outstanding_requests:
             done.popitem(last=False)
@@ -1140,11 +1158,19 @@ class DhtEngine:
         for item in outgoing:
             self._out.append((item.address, item.datagram))
 
+    def _own(self, name: str) -> OrderedDict:
+        """The engine's own table ``name`` in place of the shared empty one, on its first entry."""
+        table: OrderedDict = OrderedDict()
+        setattr(self, name, table)
+        return table
+
     def _sample_rtt(self, node_id: bytes, sample: float) -> None:
         """RFC 6298 §2: SRTT/RTTVAR from one round-trip sample."""
         table = self._rtt
         entry = table.get(node_id)
         if entry is None:
+            if table is _NO_ENTRIES:
+                table = self._own("_rtt")
             while len(table) >= self._config.max_rtt_entries:
                 table.popitem(last=False)
             table[node_id] = complex(sample, sample / 2.0)

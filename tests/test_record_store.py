@@ -399,6 +399,21 @@ def test_deadline_heap_stays_bounded_under_replacements():
     assert store.get(nid(0), T0 + HOUR + 499) is None
 
 
+
+def test_a_stale_deadline_never_removes_the_entry_that_replaced_it():
+    store = RecordStore()
+    assert store.put(nid(0), rec(0, seq=1, expires_at=T0 + HOUR), "s", T0) is STORED
+    assert store.put(nid(0), rec(0, seq=2, expires_at=T0 + 100), "s", T0) is STORED  # sooner
+    assert store.get(nid(0), T0 + 99).seq == 2
+    assert store.get(nid(0), T0 + 100) is None  # its own time, not the replaced one's
+    assert store.put(nid(0), rec(0, seq=3, expires_at=T0 + HOUR + 5), "s", T0 + 200) is STORED
+    assert store.get(nid(0), T0 + HOUR + 1).seq == 3  # seq 1's deadline passed: stale, skipped
+    assert store.get(nid(0), T0 + HOUR + 5) is None
+    assert store.put(nid(1), rec(1, expires_at=T0 + HOUR), "s", T0) is STORED
+    for _ in range(50):  # a refresh that changes nothing schedules nothing
+        assert store.put(nid(1), rec(1, expires_at=T0 + HOUR), "s", T0) is STORED
+    assert len(store._deadlines) <= 3
+
 # --- model-based stateful test -------------------------------------------------------------------
 
 _CAPS = ("a", "b", "c")

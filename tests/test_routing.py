@@ -276,3 +276,62 @@ def test_address_parsing():
                 "1.2.3.4:70000", "1.2.3.4:²", "1.2.3.4:٣"):
         with pytest.raises(ArgumentValueError):
             Address.parse(bad)
+
+
+def _state(t: RoutingTable) -> tuple:
+    """Everything a table's later behaviour depends on, read through its public methods."""
+    buckets = [t.bucket(i) for i in range(t.bucket_count)]
+    return (t.bucket_sizes(), [[c.node_id for c in b] for b in buckets],
+            [t.last_activity(i) for i in range(t.bucket_count)],
+            [t.replacements(i) for i in range(t.bucket_count)],
+            [t.checking(i) for i in range(t.bucket_count)],
+            sorted((c.node_id, t.last_seen(c.node_id)) for c in t), len(t))
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32), k=st.integers(1, 5),
+       prefixes=st.lists(st.integers(0, 159), max_size=80))
+def test_load_builds_the_table_inserts_would_build(kernel, seed, k, prefixes):
+    """One pass (a simulator's global view) equals inserting one by one in the same order, for
+    any contacts with at most k per prefix length: the same buckets, order, times and answers."""
+    rng = random.Random(seed)
+    local = NodeId(bytes(rng.getrandbits(8) for _ in range(20)))
+    contacts, seen, per_prefix = [], set(), {}
+    for prefix in prefixes:  # an ID sharing exactly `prefix` leading bits with local
+        value = local.to_int() ^ (1 << (159 - prefix)) ^ (rng.getrandbits(159 - prefix) if prefix < 159 else 0)
+        node_id = NodeId.from_int(value)
+        if node_id in seen or per_prefix.get(prefix, 0) == k:
+            continue
+        seen.add(node_id)
+        per_prefix[prefix] = per_prefix.get(prefix, 0) + 1
+        contacts.append(Peer(node_id))
+    inserted = RoutingTable(local, bucket_size=k, kernel=kernel, now=1.0)
+    for contact in contacts:
+        assert isinstance(inserted.insert(contact, 7.0), Inserted)
+    loaded = RoutingTable(local, bucket_size=k, kernel=kernel, now=1.0)
+    assert loaded.load(contacts, 7.0) == len(contacts)
+    assert _state(loaded) == _state(inserted)
+    target = bytes(rng.getrandbits(8) for _ in range(20))
+    assert loaded.closest(target, 500) == inserted.closest(target, 500)
+    newcomer = Peer(NodeId(bytes(rng.getrandbits(8) for _ in range(20))))
+    if newcomer.node_id != local and newcomer.node_id not in seen:  # and they go on alike
+        assert type(loaded.insert(newcomer, 9.0)) is type(inserted.insert(newcomer, 9.0))
+        assert _state(loaded) == _state(inserted)
+
+
+def test_load_refuses_what_inserts_would_not_do_alike(kernel):
+    t = table(kernel)
+    with pytest.raises(ArgumentValueError, match="at most bucket_size"):
+        t.load(in_bucket(3, 5), 0)  # 5 share prefix 3; k = 4
+    with pytest.raises(ArgumentValueError, match="twice"):
+        t.load(in_bucket(3, 2) * 2, 0)
+    with pytest.raises(ArgumentValueError, match="local ID"):
+        t.load([Peer(LOCAL)], 0)
+    with pytest.raises(ArgumentTypeError, match="contact"):
+        t.load([object()], 0)
+    assert len(t) == 0 and t.load(in_bucket(3, 4), 0) == 4
+    with pytest.raises(ArgumentValueError, match="empty table"):
+        t.load(in_bucket(5, 1), 0)
+    diverse = table(kernel, diversity=DiversityLimits(max_per_bucket=2))
+    with pytest.raises(ArgumentValueError, match="diversity"):
+        diverse.load(in_bucket(3, 1), 0)
