@@ -31,13 +31,15 @@ the next one's figures):
 2. **Network formation** (``--join``, ``auto`` = ``protocol`` up to ``--protocol-join-max`` nodes,
    ``global`` above). ``protocol``: node 0 starts alone; node ``i`` joins with the engine's own
    ``bootstrap`` through a random node already started (PING and FIND_NODE to it, the self-lookup,
-   then the refresh of at most ``DhtConfig.join_refresh_buckets`` (1) of the buckets farther than
-   the nearest neighbour, the farthest not full; docs/engine.md, "Upkeep"), one join every
+   then a refresh of every prefix length farther than the nearest neighbour that holds no contact,
+   plus ``DhtConfig.join_refresh_buckets`` (1) of the non-full ones, farthest first;
+   docs/engine.md, "Upkeep"), one join every
    ``--join-interval`` virtual seconds (joins overlap); then every node announces its record
    with ``announce_record`` (lookup of its own ID, STORE at the k closest). ``joined_by_protocol``
    is true. ``global``: routing tables are filled from a global view (the sorted IDs: for each
-   prefix length, up to k random nodes sharing exactly that many leading bits, inserted with
-   ``RoutingTable.insert``) and every node's signed record is put in the stores of its k true
+   prefix length, up to k random nodes sharing exactly that many leading bits, laid out in one
+   pass by ``RoutingTable.load``, which builds what ``insert`` would) and every node's signed
+   record is put in the stores of its k true
    closest and its own (one shared record object per node); no message is sent.
    ``joined_by_protocol`` is false and ``records`` says ``global_view``.
 3. **Memory** (``bytes_per_node``): the resident set size of the child after formation minus

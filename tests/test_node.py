@@ -110,6 +110,23 @@ class Hand:
 A, B, C, D = (Address(f"192.0.2.{i}", 4000) for i in (1, 2, 3, 4))
 
 
+def test_engines_start_with_one_shared_empty_table_and_write_only_their_own():
+    """The per-peer tables (finished requests, RTT, rate-limit buckets, failures, votes) start
+    as one shared read-only empty table (a million simulated engines); the first entry gives the
+    engine its own, so nothing one engine learns shows in another."""
+    from sovereign_discovery.node import _NO_ENTRIES
+
+    hand, a, b, c = trio()  # requests answered (RTT, finished requests) and served (buckets)
+    idle = make_engine(9, D)
+    assert b.stats()["rtt_entries"] > 0 and c.stats()["rtt_entries"] > 0
+    assert a.stats()["rate_limited_ips"] > 0
+    assert idle.stats()["rtt_entries"] == 0 and idle.stats()["rate_limited_ips"] == 0
+    assert len(_NO_ENTRIES) == 0
+    with pytest.raises(TypeError, match="read-only"):
+        _NO_ENTRIES[b"x"] = 1
+    assert _NO_ENTRIES.pop(b"x", None) is None  # reading and popping nothing stay allowed
+
+
 def trio():
     """Engines at A, B, C; B and C bootstrapped from A (and so known to each other)."""
     hand = Hand()
