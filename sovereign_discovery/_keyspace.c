@@ -7,13 +7,20 @@
  * (hi: bytes 0..7, mid: bytes 8..15, lo: bytes 16..19) so comparing words in order compares the
  * 160-bit values.
  *
- * Nothing here calls back into Python between the argument checks and the result (errors aside;
- * see new_list), so the buffers and lists read cannot change under us, and no Python object is
- * kept after a call returns except the two cached exception classes in the module state.
+ * A table slot's ID is its contact's node_id attribute (node_id_at): read straight from the
+ * object's __slots__ slot when its type allows (no Python code runs), else with PyObject_GetAttr.
+ * That is the only place Python code may run during a call (a property, __getattr__, or a
+ * collection it starts), and such code could change the contacts list or the sizes bytearray.
+ * So closest_in_table reads sizes once, into its own copy, and the list is indexed afresh, its
+ * length checked, at every use (IndexError, as the spec's contacts[slot] gives, if it shrank).
+ * Elsewhere nothing calls back into Python between the argument checks and the result (errors
+ * aside; see new_list). No Python object is kept after a call returns except the module state's
+ * two cached exception classes and interned "node_id".
  */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h> /* T_OBJECT_EX, PY_AUDIT_READ (Python 3.11) */
 
 #include <stdint.h>
 #include <stdlib.h>
@@ -28,6 +35,7 @@
 typedef struct {
     PyObject *type_error;  /* sovereign_discovery.errors.ArgumentTypeError */
     PyObject *value_error; /* sovereign_discovery.errors.ArgumentValueError */
+    PyObject *node_id;     /* the interned attribute name "node_id" */
 } ks_state;
 
 static inline ks_state *
@@ -183,6 +191,28 @@ set_ranked(PyObject *result, Py_ssize_t pos, PyObject *items, const dkey *ranked
     }
 }
 
+/* The list [items[slots[i]] for i < n], or NULL with IndexError if items has shrunk below a slot
+ * (only Python code run by a node_id read can shrink it). */
+static PyObject *
+list_of_slots(PyObject *items, const Py_ssize_t *slots, Py_ssize_t n)
+{
+    PyObject *result = new_list(n);
+    if (!result)
+        return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item;
+        if (slots[i] >= PyList_GET_SIZE(items)) {
+            Py_DECREF(result); /* its unset places are NULL, which list_dealloc skips */
+            PyErr_SetString(PyExc_IndexError, "list index out of range");
+            return NULL;
+        }
+        item = PyList_GET_ITEM(items, slots[i]);
+        Py_INCREF(item);
+        PyList_SET_ITEM(result, i, item);
+    }
+    return result;
+}
+
 /* --- argument checks (mirroring _keyspace_py, one by one) ------------------------------------ */
 
 /* type(value).__name__ */
@@ -281,6 +311,81 @@ check_count(ks_state *st, PyObject *value, Py_ssize_t *count)
         return -1;
     }
     return 0;
+}
+
+/* Where a type keeps node_id, for reading it straight from the object as PyObject_GetAttr would:
+ * its offset when the type has the generic getattr and "node_id" is a plain __slots__ member
+ * (Contact is a slotted dataclass), else -1. One call remembers the last type seen; Python code
+ * (a getter on the generic path) may change types, so then it forgets. */
+typedef struct {
+    PyTypeObject *type;
+    Py_ssize_t offset;
+} id_reader;
+
+static Py_ssize_t
+slot_offset(ks_state *st, PyTypeObject *type)
+{
+    PyObject *descr;
+    PyMemberDef *member;
+    if (type->tp_getattro != PyObject_GenericGetAttr)
+        return -1;
+    descr = _PyType_Lookup(type, st->node_id); /* borrowed; no Python code runs */
+    if (!descr || Py_TYPE(descr) != &PyMemberDescr_Type)
+        return -1;
+    member = ((PyMemberDescrObject *)descr)->d_member;
+    if (member->type != T_OBJECT_EX || (member->flags & PY_AUDIT_READ))
+        return -1;
+    return member->offset;
+}
+
+/* _node_id_at: contacts[slot].node_id, which must be bytes of ID_BYTES; a new reference (the
+ * caller DECREFs it), or NULL with the spec's error. Runs no Python code when read from a slot;
+ * otherwise may (see the top). */
+static PyObject *
+node_id_at(ks_state *st, id_reader *reader, PyObject *contacts, Py_ssize_t slot)
+{
+    PyObject *contact, *node_id = NULL;
+    if (slot >= PyList_GET_SIZE(contacts)) {
+        PyErr_SetString(PyExc_IndexError, "list index out of range");
+        return NULL;
+    }
+    contact = PyList_GET_ITEM(contacts, slot);
+    if (Py_TYPE(contact) != reader->type) {
+        reader->type = Py_TYPE(contact);
+        reader->offset = slot_offset(st, reader->type);
+    }
+    if (reader->offset >= 0)
+        node_id = *(PyObject **)((char *)contact + reader->offset); /* NULL: an empty slot */
+    if (node_id)
+        Py_INCREF(node_id);
+    else {
+        reader->type = NULL;
+        Py_INCREF(contact); /* a getter could drop the list's reference */
+        node_id = PyObject_GetAttr(contact, st->node_id);
+        if (!node_id) {
+            if (PyErr_ExceptionMatches(PyExc_AttributeError)) {
+                PyErr_Clear();
+                PyErr_Format(st->type_error, "contacts[%zd] has no node_id (%.200s)", slot,
+                             type_name(contact));
+            }
+            Py_DECREF(contact);
+            return NULL;
+        }
+        Py_DECREF(contact);
+    }
+    if (!PyBytes_Check(node_id)) {
+        PyErr_Format(st->type_error, "contacts[%zd].node_id must be bytes (a NodeId), not %.200s",
+                     slot, type_name(node_id));
+        Py_DECREF(node_id);
+        return NULL;
+    }
+    if (PyBytes_GET_SIZE(node_id) != ID_BYTES) {
+        PyErr_Format(st->value_error, "contacts[%zd].node_id must be %d bytes long, not %zd",
+                     slot, ID_BYTES, PyBytes_GET_SIZE(node_id));
+        Py_DECREF(node_id);
+        return NULL;
+    }
+    return node_id;
 }
 
 /* _key_at: keys[index], which must be bytes of ID_BYTES. */
@@ -383,37 +488,47 @@ ks_bucket_index(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObj
 /* --- find_in_bucket -------------------------------------------------------------------------- */
 
 PyDoc_STRVAR(find_in_bucket_doc,
-             "find_in_bucket(ids, first_slot, slot_count, node_id)\n--\n\n"
-             "The slot in first_slot .. first_slot + slot_count - 1 whose ID is node_id, or -1.");
+             "find_in_bucket(contacts, first_slot, slot_count, node_id)\n--\n\n"
+             "The slot in first_slot .. first_slot + slot_count - 1 whose contact's node_id is\n"
+             "node_id, or -1. Each contact read is checked, up to the match.");
 
 static PyObject *
 ks_find_in_bucket(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    static const char *const names[] = {"ids", "first_slot", "slot_count", "node_id"};
+    static const char *const names[] = {"contacts", "first_slot", "slot_count", "node_id"};
     ks_state *st = get_state(module);
-    PyObject *a[4];
-    const unsigned char *ids, *node_id;
-    Py_ssize_t ids_len, first, count, slots;
+    PyObject *a[4], *contacts;
+    const unsigned char *node_id;
+    Py_ssize_t first, count, slots;
     int first_sign, count_sign;
     UNPACK("find_in_bucket", names, 4, a);
-    if (check_buffer(st, a[0], "ids", &ids, &ids_len) < 0)
+    if (check_list(st, a[0], "contacts") < 0)
         return NULL;
+    contacts = a[0];
     if (check_int(st, a[1], "first_slot", &first, &first_sign) < 0)
         return NULL;
     if (check_int(st, a[2], "slot_count", &count, &count_sign) < 0)
         return NULL;
     if (!(node_id = check_id(st, a[3], "node_id")))
         return NULL;
-    /* (first + count) * ID_BYTES > len(ids)  <=>  first + count > len(ids) // ID_BYTES */
-    slots = ids_len / ID_BYTES;
+    /* first + count > len(contacts), without overflow */
+    slots = PyList_GET_SIZE(contacts);
     if (first_sign < 0 || count_sign < 0 || first > slots || count > slots - first) {
         PyErr_Format(st->value_error,
-                     "first_slot %S and slot_count %S exceed ids (%zd bytes)", a[1], a[2],
-                     ids_len);
+                     "first_slot %S and slot_count %S exceed contacts (%zd items)", a[1], a[2],
+                     slots);
         return NULL;
     }
+    /* node_id is an argument, so the caller holds it even if a getter runs */
+    id_reader reader = {NULL, -1};
     for (Py_ssize_t slot = first; slot < first + count; slot++) {
-        if (memcmp(ids + slot * ID_BYTES, node_id, ID_BYTES) == 0)
+        PyObject *id = node_id_at(st, &reader, contacts, slot);
+        int equal;
+        if (!id)
+            return NULL;
+        equal = memcmp(PyBytes_AS_STRING(id), node_id, ID_BYTES) == 0;
+        Py_DECREF(id);
+        if (equal)
             return PyLong_FromSsize_t(slot);
     }
     return PyLong_FromLong(-1);
@@ -421,22 +536,30 @@ ks_find_in_bucket(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyO
 
 /* --- closest_in_table ------------------------------------------------------------------------ */
 
-/* Put at result[pos..pos + k) the contacts of the k nearest occupied slots of buckets lo..hi,
- * ranked by (distance, slot); k <= `occupied`, the number of occupied slots there. */
+/* Append to chosen[0..k) the slots of the k nearest occupied slots of buckets lo..hi, ranked by
+ * (distance, slot); k <= `occupied`, the number of occupied slots there. Reads (and checks) every
+ * occupied slot's node_id there, in slot order, as the spec does. */
 static int
-take_nearest(PyObject *result, Py_ssize_t pos, PyObject *contacts, const unsigned char *ids,
-             const unsigned char *sizes, Py_ssize_t bucket_size, Py_ssize_t lo, Py_ssize_t hi,
-             const dkey *t, Py_ssize_t k, Py_ssize_t occupied)
+take_nearest(ks_state *st, Py_ssize_t *chosen, PyObject *contacts, const unsigned char *sizes,
+             Py_ssize_t bucket_size, Py_ssize_t lo, Py_ssize_t hi, const dkey *t, Py_ssize_t k,
+             Py_ssize_t occupied)
 {
     dkey stack[SMALL], *best = stack;
     Py_ssize_t n = 0;
+    int rc = -1;
+    id_reader reader = {NULL, -1};
     if (k > SMALL && !(best = (dkey *)PyMem_Malloc((size_t)occupied * sizeof(dkey)))) {
         PyErr_NoMemory();
         return -1;
     }
     for (Py_ssize_t b = lo; b <= hi; b++) {
         for (Py_ssize_t slot = b * bucket_size, end = slot + sizes[b]; slot < end; slot++) {
-            dkey d = distance_to(t, ids + slot * ID_BYTES, slot);
+            PyObject *id = node_id_at(st, &reader, contacts, slot);
+            dkey d;
+            if (!id)
+                goto done;
+            d = distance_to(t, (const unsigned char *)PyBytes_AS_STRING(id), slot);
+            Py_DECREF(id);
             if (best == stack)
                 topk_offer(best, &n, k, &d);
             else
@@ -445,90 +568,100 @@ take_nearest(PyObject *result, Py_ssize_t pos, PyObject *contacts, const unsigne
     }
     if (best != stack)
         dkey_sort(best, n);
-    set_ranked(result, pos, contacts, best, k);
+    for (Py_ssize_t i = 0; i < k; i++)
+        chosen[i] = best[i].idx;
+    rc = 0;
+done:
     if (best != stack)
         PyMem_Free(best);
-    return 0;
+    return rc;
 }
 
 PyDoc_STRVAR(closest_in_table_doc,
-             "closest_in_table(ids, contacts, sizes, bucket_size, local_id, target, count)\n--\n\n"
+             "closest_in_table(contacts, sizes, bucket_size, local_id, target, count)\n--\n\n"
              "The count occupied slots' objects closest to target by XOR, nearest first.\n\n"
-             "With j = min(common_prefix(local_id, target), L), L the last bucket, the buckets\n"
-             "are ranked in groups: [j], then [j+1 .. L] together if j < L, then [j-1], [j-2],\n"
-             "... [0]; within a group by (distance, slot), until count are chosen. For a\n"
-             "routing table's layout that is the full scan sorted by distance.");
+             "Slot s's ID is contacts[s].node_id. With j = min(common_prefix(local_id, target),\n"
+             "L), L the last bucket, the buckets are ranked in groups: [j], then [j+1 .. L]\n"
+             "together if j < L, then [j-1], [j-2], ... [0]; within a group by (distance, slot),\n"
+             "until count are chosen. For a routing table's layout that is the full scan sorted\n"
+             "by distance.");
 
 static PyObject *
 ks_closest_in_table(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    static const char *const names[] = {"ids",      "contacts", "sizes", "bucket_size",
-                                        "local_id", "target",   "count"};
+    static const char *const names[] = {"contacts", "sizes",  "bucket_size",
+                                        "local_id", "target", "count"};
     ks_state *st = get_state(module);
-    PyObject *a[7], *contacts, *result;
-    const unsigned char *ids, *sizes, *local_id, *target;
-    Py_ssize_t ids_len, nbuckets, bucket_size, count, slots, total, b, last, j, lo, hi, down;
+    PyObject *a[6], *contacts, *result = NULL;
+    const unsigned char *sizes_arg, *local_id, *target;
+    unsigned char sizes_stack[256], *sizes = sizes_stack;
+    Py_ssize_t chosen_stack[SMALL], *chosen = chosen_stack;
+    Py_ssize_t nbuckets, bucket_size, count, total, b, last, j, lo, hi, down;
     Py_ssize_t filled = 0;
     int sign;
     dkey t;
 
-    UNPACK("closest_in_table", names, 7, a);
+    UNPACK("closest_in_table", names, 6, a);
     /* _check_table */
-    if (check_buffer(st, a[0], "ids", &ids, &ids_len) < 0)
+    if (check_list(st, a[0], "contacts") < 0)
         return NULL;
-    if (check_list(st, a[1], "contacts") < 0)
+    contacts = a[0];
+    if (check_buffer(st, a[1], "sizes", &sizes_arg, &nbuckets) < 0)
         return NULL;
-    contacts = a[1];
-    if (check_buffer(st, a[2], "sizes", &sizes, &nbuckets) < 0)
-        return NULL;
-    if (check_int(st, a[3], "bucket_size", &bucket_size, &sign) < 0)
+    if (check_int(st, a[2], "bucket_size", &bucket_size, &sign) < 0)
         return NULL;
     if (bucket_size < 1 || bucket_size > MAX_BUCKET_SIZE) {
         PyErr_Format(st->value_error, "bucket_size must be in 1..%d, not %S", MAX_BUCKET_SIZE,
-                     a[3]);
+                     a[2]);
         return NULL;
     }
-    if (!(local_id = check_id(st, a[4], "local_id")))
+    if (!(local_id = check_id(st, a[3], "local_id")))
         return NULL;
-    if (!(target = check_id(st, a[5], "target")))
+    if (!(target = check_id(st, a[4], "target")))
         return NULL;
-    if (check_count(st, a[6], &count) < 0)
+    if (check_count(st, a[5], &count) < 0)
         return NULL;
-    /* _check_capacity: len(ids) < len(sizes) * bucket_size * ID_BYTES, without overflow */
-    if (nbuckets > (ids_len / ID_BYTES) / bucket_size) {
+    /* _check_capacity: len(contacts) < len(sizes) * bucket_size, without overflow */
+    if (nbuckets > PyList_GET_SIZE(contacts) / bucket_size) {
         /* the size needed may exceed Py_ssize_t: print it as a Python int, as the spec does */
         PyObject *needed = NULL, *n_obj = PyLong_FromSsize_t(nbuckets);
-        PyObject *f_obj = PyLong_FromSsize_t(bucket_size * ID_BYTES);
-        if (n_obj && f_obj)
-            needed = PyNumber_Multiply(n_obj, f_obj);
+        PyObject *k_obj = PyLong_FromSsize_t(bucket_size);
+        if (n_obj && k_obj)
+            needed = PyNumber_Multiply(n_obj, k_obj);
         Py_XDECREF(n_obj);
-        Py_XDECREF(f_obj);
+        Py_XDECREF(k_obj);
         if (needed) {
-            PyErr_Format(st->value_error, "ids holds %zd bytes, the layout needs %S", ids_len,
-                         needed);
+            PyErr_Format(st->value_error, "contacts holds %zd items, the layout needs %S",
+                         PyList_GET_SIZE(contacts), needed);
             Py_DECREF(needed);
         }
         return NULL;
     }
-    slots = nbuckets * bucket_size;
-    if (PyList_GET_SIZE(contacts) < slots) {
-        PyErr_Format(st->value_error, "contacts holds %zd items, the layout needs %zd",
-                     PyList_GET_SIZE(contacts), slots);
-        return NULL;
-    }
     total = 0;
     for (b = 0; b < nbuckets; b++) {
-        if (sizes[b] > bucket_size) {
+        if (sizes_arg[b] > bucket_size) {
             PyErr_Format(st->value_error, "sizes has a bucket of %d > bucket_size %zd",
-                         (int)sizes[b], bucket_size);
+                         (int)sizes_arg[b], bucket_size);
             return NULL;
         }
-        total += sizes[b];
+        total += sizes_arg[b];
     }
     if (count > total)
         count = total;
-    if (!(result = new_list(count)) || count == 0)
-        return result;
+    if (count == 0)
+        return new_list(0);
+    /* Our own copy of sizes: a node_id getter could resize the bytearray (see the top). */
+    if (nbuckets > (Py_ssize_t)sizeof(sizes_stack) &&
+        !(sizes = (unsigned char *)PyMem_Malloc((size_t)nbuckets))) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    memcpy(sizes, sizes_arg, (size_t)nbuckets);
+    if (count > SMALL &&
+        !(chosen = (Py_ssize_t *)PyMem_Malloc((size_t)count * sizeof(Py_ssize_t)))) {
+        PyErr_NoMemory();
+        goto done;
+    }
 
     /* The groups: [j], then [j+1 .. last] if j < last, then [j-1], [j-2], ... [0]. */
     last = nbuckets - 1;
@@ -545,11 +678,9 @@ ks_closest_in_table(PyObject *module, PyObject *const *args, Py_ssize_t nargs, P
         for (b = lo; b <= hi; b++)
             occupied += sizes[b];
         k = count - filled < occupied ? count - filled : occupied;
-        if (k > 0 && take_nearest(result, filled, contacts, ids, sizes, bucket_size, lo, hi, &t,
-                                  k, occupied) < 0) {
-            Py_DECREF(result);
-            return NULL;
-        }
+        if (k > 0 && take_nearest(st, chosen + filled, contacts, sizes, bucket_size, lo, hi, &t,
+                                  k, occupied) < 0)
+            goto done;
         filled += k;
         if (hi == j && j < last) /* after [j]: the buckets beyond it */
             lo = j + 1, hi = last;
@@ -558,6 +689,12 @@ ks_closest_in_table(PyObject *module, PyObject *const *args, Py_ssize_t nargs, P
         else
             break;
     }
+    result = list_of_slots(contacts, chosen, filled);
+done:
+    if (sizes != sizes_stack)
+        PyMem_Free(sizes);
+    if (chosen != chosen_stack)
+        PyMem_Free(chosen);
     return result;
 }
 
@@ -727,6 +864,8 @@ ks_exec(PyObject *module)
                         "exception classes");
         return -1;
     }
+    if (!(st->node_id = PyUnicode_InternFromString("node_id")))
+        return -1;
     if (PyModule_AddIntConstant(module, "ID_BYTES", ID_BYTES) < 0 ||
         PyModule_AddIntConstant(module, "ID_BITS", ID_BITS) < 0 ||
         PyModule_AddIntConstant(module, "MAX_BUCKET_SIZE", MAX_BUCKET_SIZE) < 0)
@@ -746,6 +885,7 @@ ks_traverse(PyObject *module, visitproc visit, void *arg)
     ks_state *st = get_state(module);
     Py_VISIT(st->type_error);
     Py_VISIT(st->value_error);
+    Py_VISIT(st->node_id);
     return 0;
 }
 
@@ -755,6 +895,7 @@ ks_clear(PyObject *module)
     ks_state *st = get_state(module);
     Py_CLEAR(st->type_error);
     Py_CLEAR(st->value_error);
+    Py_CLEAR(st->node_id);
     return 0;
 }
 

@@ -7,7 +7,10 @@ bit of byte 0; IDs compare as 160-bit big-endian unsigned integers, which is als
 
 Table layout used by :func:`closest_in_table` and :func:`find_in_bucket` (see ``routing.py``):
 bucket ``b`` owns slots ``b * bucket_size .. b * bucket_size + sizes[b] - 1``; slot ``s`` holds
-the ID ``ids[20 * s : 20 * s + 20]`` and the object ``contacts[s]``.
+the object ``contacts[s]``, whose ID is its ``node_id`` attribute (20 bytes). Reading it may run
+Python code (a property), which could change the list or ``sizes``: both kernels read ``sizes``
+once, from a copy, and index ``contacts`` afresh at each use, so such code cannot make them
+disagree or crash, only raise ``IndexError`` when it shrank the list.
 """
 
 from __future__ import annotations
@@ -55,8 +58,7 @@ def _check_count(value: object) -> int:
     return count
 
 
-def _check_table(ids: object, contacts: object, sizes: object, bucket_size: object) -> None:
-    _check_buffer(ids, "ids")
+def _check_table(contacts: object, sizes: object, bucket_size: object) -> None:
     _check_list(contacts, "contacts")
     _check_buffer(sizes, "sizes")
     _check_int(bucket_size, "bucket_size")
@@ -64,15 +66,33 @@ def _check_table(ids: object, contacts: object, sizes: object, bucket_size: obje
         raise ArgumentValueError(f"bucket_size must be in 1..{MAX_BUCKET_SIZE}, not {bucket_size}")
 
 
-def _check_capacity(ids: bytes, contacts: list, sizes: bytes, bucket_size: int) -> None:
+def _check_capacity(contacts: list, sizes: bytes, bucket_size: int) -> None:
     slots = len(sizes) * bucket_size
-    if len(ids) < slots * ID_BYTES:
-        raise ArgumentValueError(f"ids holds {len(ids)} bytes, the layout needs {slots * ID_BYTES}")
     if len(contacts) < slots:
         raise ArgumentValueError(f"contacts holds {len(contacts)} items, the layout needs {slots}")
     for size in sizes:
         if size > bucket_size:
             raise ArgumentValueError(f"sizes has a bucket of {size} > bucket_size {bucket_size}")
+
+
+def _node_id_at(contacts: list, slot: int) -> bytes:
+    """``contacts[slot].node_id``, which must be bytes of ID_BYTES."""
+    contact = contacts[slot]
+    try:
+        node_id = contact.node_id
+    except AttributeError:
+        raise ArgumentTypeError(
+            f"contacts[{slot}] has no node_id ({type(contact).__name__})"
+        ) from None
+    if not isinstance(node_id, bytes):
+        raise ArgumentTypeError(
+            f"contacts[{slot}].node_id must be bytes (a NodeId), not {type(node_id).__name__}"
+        )
+    if len(node_id) != ID_BYTES:
+        raise ArgumentValueError(
+            f"contacts[{slot}].node_id must be {ID_BYTES} bytes long, not {len(node_id)}"
+        )
+    return node_id
 
 
 def _key_at(keys: list, index: int) -> bytes:
@@ -103,24 +123,25 @@ def bucket_index(local_id: bytes, node_id: bytes) -> int:
     return _common_prefix_bits(local_id, node_id)
 
 
-def find_in_bucket(ids: bytes, first_slot: int, slot_count: int, node_id: bytes) -> int:
-    """The slot in ``first_slot .. first_slot + slot_count - 1`` whose ID is ``node_id``, or -1."""
-    _check_buffer(ids, "ids")
+def find_in_bucket(contacts: list, first_slot: int, slot_count: int, node_id: bytes) -> int:
+    """The slot in ``first_slot .. first_slot + slot_count - 1`` whose contact's ``node_id`` is
+    ``node_id``, or -1. Each contact read is checked, up to the match."""
+    _check_list(contacts, "contacts")
     _check_int(first_slot, "first_slot")
     _check_int(slot_count, "slot_count")
     _check_id(node_id, "node_id")
-    if first_slot < 0 or slot_count < 0 or (first_slot + slot_count) * ID_BYTES > len(ids):
+    if first_slot < 0 or slot_count < 0 or first_slot + slot_count > len(contacts):
         raise ArgumentValueError(
-            f"first_slot {first_slot} and slot_count {slot_count} exceed ids ({len(ids)} bytes)"
+            f"first_slot {first_slot} and slot_count {slot_count} exceed contacts"
+            f" ({len(contacts)} items)"
         )
     for slot in range(first_slot, first_slot + slot_count):
-        if ids[slot * ID_BYTES : slot * ID_BYTES + ID_BYTES] == node_id:
+        if _node_id_at(contacts, slot) == node_id:
             return slot
     return -1
 
 
 def closest_in_table(
-    ids: bytes,
     contacts: list,
     sizes: bytes,
     bucket_size: int,
@@ -142,15 +163,18 @@ def closest_in_table(
     - if ``j == L``: bucket ``L``, then ``L - 1`` … ``0``.
 
     So only the groups that the answer reaches are ranked: for a full table and ``count`` no larger
-    than the bucket size, usually one bucket. Within a group, slots are ranked by (distance, slot).
-    For a well-formed layout the result equals a full scan sorted by distance (the tests' oracle);
-    for any other layout it is still what this procedure gives, in both kernels.
+    than the bucket size, usually one bucket. Within a group, slots are ranked by (distance, slot);
+    only the contacts of ranked groups are read (and checked), in slot order, and the chosen ones
+    are taken from ``contacts`` at the end. For a well-formed layout the result equals a full scan
+    sorted by distance (the tests' oracle); for any other layout it is still what this procedure
+    gives, in both kernels.
     """
-    _check_table(ids, contacts, sizes, bucket_size)
+    _check_table(contacts, sizes, bucket_size)
     _check_id(local_id, "local_id")
     _check_id(target, "target")
     count = _check_count(count)
-    _check_capacity(ids, contacts, sizes, bucket_size)  # type: ignore[arg-type]
+    _check_capacity(contacts, sizes, bucket_size)  # type: ignore[arg-type]
+    sizes = bytes(sizes)  # read once: a node_id property could change a bytearray
     last = len(sizes) - 1
     if last < 0:
         return []
@@ -158,7 +182,7 @@ def closest_in_table(
     groups = [[j]] + ([list(range(j + 1, last + 1))] if j < last else [])
     groups += [[b] for b in range(j - 1, -1, -1)]
     goal = int.from_bytes(target, "big")
-    chosen: list = []
+    chosen: list[int] = []
     for group in groups:
         need = count - len(chosen)
         if need <= 0:
@@ -167,11 +191,11 @@ def closest_in_table(
         for bucket in group:
             first = bucket * bucket_size
             for slot in range(first, first + sizes[bucket]):
-                node = int.from_bytes(ids[slot * ID_BYTES : slot * ID_BYTES + ID_BYTES], "big")
+                node = int.from_bytes(_node_id_at(contacts, slot), "big")
                 scored.append((node ^ goal, slot))
         scored.sort()
-        chosen.extend(contacts[slot] for _, slot in scored[:need])
-    return chosen
+        chosen.extend(slot for _, slot in scored[:need])
+    return [contacts[slot] for slot in chosen]
 
 
 def closest_in_sorted(keys: list, values: list, target: bytes, count: int) -> list:

@@ -24,11 +24,11 @@ Rules, with their sources:
   check's own PING would set off at its recipient. Each entry's last-seen time is kept for that.
 - ``closest`` is exact: it equals a full scan sorted by XOR distance (the oracle of the tests).
 
-Storage is flat so that the C kernel can scan it: bucket ``b`` owns ``bucket_size`` fixed slots,
-its IDs packed in one ``bytearray`` and its contacts in one ``list``; ``sizes[b]`` says how many
-are used. That is 28 bytes per contact plus per-table overhead (34.8 in all at ~400 contacts,
-measured by benchmarks/routing_table.py before the last-seen times were added; they take 4 bytes
-more per slot, a 32-bit float), beyond the contact objects themselves.
+Storage is flat so that the C kernel can scan it: bucket ``b`` owns ``bucket_size`` fixed slots
+in one ``list`` of contacts, with ``sizes[b]`` saying how many are used, and the kernel reads each
+slot's ID from its contact's ``node_id`` (no second copy of the IDs). Per slot that is 8 bytes for
+the list item and 4 for the last-seen time (a 32-bit float), plus per-table overhead, beyond the
+contact objects themselves (see docs/routing-table.md for the measured bytes per contact).
 """
 
 from __future__ import annotations
@@ -251,7 +251,6 @@ class RoutingTable:
         "_k",
         "_cache_size",
         "_kernel",
-        "_ids",
         "_slots",
         "_sizes",
         "_activity",
@@ -299,7 +298,6 @@ class RoutingTable:
         self._k = bucket_size
         self._cache_size = replacement_cache_size
         self._kernel = kernel or keys.kernel_module()
-        self._ids = bytearray(bucket_size * _ID)
         self._slots: list[Contact | None] = [None] * bucket_size
         self._sizes = bytearray(1)
         self._activity: list[float] = [_check_now(now)]
@@ -395,7 +393,7 @@ class RoutingTable:
     def closest(self, target: bytes, count: int = DEFAULT_BUCKET_SIZE) -> list[Contact]:
         """The ``count`` contacts nearest ``target`` by XOR distance, nearest first. Exact."""
         return self._kernel.closest_in_table(
-            self._ids, self._slots, self._sizes, self._k, self._local, target, count
+            self._slots, self._sizes, self._k, self._local, target, count
         )
 
     # --- changes --------------------------------------------------------------------------------
@@ -474,8 +472,6 @@ class RoutingTable:
         by_bucket: list[list[Contact]] = [[] for _ in range(last + 1)]
         for contact, prefix in zip(contacts, prefixes):
             by_bucket[min(prefix, last)].append(contact)
-        self._ids = bytearray(b"".join(
-            b"".join(c.node_id for c in members).ljust(k * _ID, b"\0") for members in by_bucket))
         self._slots = [c for members in by_bucket for c in members + [None] * (k - len(members))]
         self._seen = array(_SEEN, [now if c is not None else 0.0 for c in self._slots])
         self._sizes = bytearray(len(members) for members in by_bucket)
@@ -604,11 +600,10 @@ class RoutingTable:
             return -1, -1
         bucket = min(prefix, len(self._sizes) - 1)
         first = bucket * self._k
-        return bucket, self._kernel.find_in_bucket(self._ids, first, self._sizes[bucket], node_id)
+        return bucket, self._kernel.find_in_bucket(self._slots, first, self._sizes[bucket], node_id)
 
     def _append(self, bucket: int, contact: Contact, seen: float) -> None:
         slot = bucket * self._k + self._sizes[bucket]
-        self._ids[slot * _ID : slot * _ID + _ID] = contact.node_id
         self._slots[slot] = contact
         self._seen[slot] = seen
         self._sizes[bucket] += 1
@@ -629,18 +624,15 @@ class RoutingTable:
         if slot == end - 1:
             seen[slot] = now
             return
-        ids, slots = self._ids, self._slots
-        moved_id = ids[slot * _ID : slot * _ID + _ID]
-        ids[slot * _ID : end * _ID] = ids[slot * _ID + _ID : end * _ID] + moved_id
+        slots = self._slots
         slots[slot:end] = slots[slot + 1 : end] + [slots[slot]]
         seen[slot : end - 1] = seen[slot + 1 : end]
         seen[end - 1] = now
 
     def _delete_slot(self, bucket: int, slot: int) -> None:
         end = bucket * self._k + self._sizes[bucket]
-        ids, slots = self._ids, self._slots
+        slots = self._slots
         contact = slots[slot]
-        ids[slot * _ID : end * _ID] = ids[slot * _ID + _ID : end * _ID] + bytes(_ID)
         slots[slot:end] = slots[slot + 1 : end] + [None]
         seen = self._seen
         seen[slot : end - 1] = seen[slot + 1 : end]
@@ -698,7 +690,6 @@ class RoutingTable:
         seen = dict(zip((c.node_id for c in members), self._seen[first : first + len(members)]))
         # New exact-size arrays rather than extend(): growing in place over-allocates ~1/8 that
         # stays for the table's life (~1 KB per table at 10^6 nodes); a table splits ~log2(n) times.
-        self._ids = self._ids + bytes(k * _ID)
         self._slots = self._slots + [None] * k
         self._seen = self._seen + array(_SEEN, bytes(_SEEN_BYTES * k))
         self._sizes.append(0)
@@ -724,7 +715,6 @@ class RoutingTable:
         times by node ID)."""
         k = self._k
         first = bucket * k
-        self._ids[first * _ID : (first + k) * _ID] = b"".join(c.node_id for c in contacts).ljust(k * _ID, b"\0")
         self._slots[first : first + k] = contacts + [None] * (k - len(contacts))
         self._seen[first : first + k] = array(_SEEN, [seen[c.node_id] for c in contacts] + [0.0] * (k - len(contacts)))
         self._sizes[bucket] = len(contacts)

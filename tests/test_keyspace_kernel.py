@@ -9,8 +9,10 @@ gives what the procedure gives, written out again here, so the C kernel gives ex
 Python one does (same objects, same order). IDs are drawn uniformly at random and also as ``base
 XOR small`` and Kademlia-shaped, because random IDs never share long prefixes. Errors: for a
 battery of bad inputs both kernels raise the same class with the same message, an
-``ArgumentTypeError``/``ArgumentValueError`` that names the parameter. Plus huge counts, keyword
-calls, signatures, reference counts, and no Python code (finalizers) running inside a C call.
+``ArgumentTypeError``/``ArgumentValueError`` that names the parameter, and a contact whose
+``node_id`` is missing or not 20 bytes gets the same typed error from both. Plus huge counts,
+keyword calls, signatures, reference counts, no finalizer running inside a C call's own
+allocations, and ``node_id`` getters that run Python code (changing the list or ``sizes``).
 """
 
 from __future__ import annotations
@@ -48,6 +50,36 @@ def as_int(node_id: bytes) -> int:
 
 def prefix_bits(a: int, b: int) -> int:
     return ID_BITS - (a ^ b).bit_length()
+
+
+class Entry:
+    """A table slot's object as the kernels read it: its ID is ``node_id``."""
+
+    __slots__ = ("node_id", "slot")
+
+    def __init__(self, node_id, slot=None):
+        self.node_id = node_id
+        self.slot = slot
+
+    def __repr__(self) -> str:
+        return f"Entry({self.slot})"
+
+
+class NoId:
+    """A free slot's filler that a kernel must never read (it has no ``node_id``)."""
+
+    __slots__ = ()
+
+
+class _Property:
+    """An entry whose ``node_id`` is a property: ``get`` runs (Python code) at every read."""
+
+    def __init__(self, get):
+        self._get = get
+
+    @property
+    def node_id(self):
+        return self._get()
 
 
 def id_with_prefix(rng: random.Random, local: int, p: int) -> int:
@@ -101,8 +133,12 @@ class Table:
         self.local = local
         self.local_id = to_id(local) if rng.random() < 0.5 else NodeId(to_id(local))
         slots = len(sizes) * bucket_size
-        spare = rng.choice([0, 0, 1, 5])  # buffers may be longer than the layout needs
-        ids = bytearray(rng.randbytes((slots + spare) * ID_BYTES))  # free slots hold junk
+        spare = rng.choice([0, 0, 1, 5])  # the list may be longer than the layout needs
+        # free slots hold None (as a routing table's do), junk IDs or objects without one
+        self.contacts = [
+            rng.choice([None, Entry(rng.randbytes(ID_BYTES), slot), NoId()])
+            for slot in range(slots + spare)
+        ]
         self.occupied: dict[int, int] = {}
         self.by_bucket: list[list[int]] = []
         for bucket, size in enumerate(sizes):
@@ -112,15 +148,15 @@ class Table:
                     value = self.occupied[rng.randrange(first, slot)]
                 else:
                     value = make_id(bucket)
-                ids[slot * ID_BYTES : slot * ID_BYTES + ID_BYTES] = to_id(value)
+                node_id = to_id(value)
+                wrap = bytes if rng.random() < 0.5 else NodeId
+                self.contacts[slot] = Entry(wrap(node_id), slot)
                 self.occupied[slot] = value
             self.by_bucket.append(list(range(first, first + size)))
-        self.ids = bytes(ids) if rng.random() < 0.5 else ids
         self.sizes = bytes(sizes) if rng.random() < 0.5 else bytearray(sizes)
-        self.contacts = [("contact", slot) for slot in range(slots + spare)]
 
     def args(self, target: bytes, count: int) -> tuple:
-        return self.ids, self.contacts, self.sizes, self.bucket_size, self.local_id, target, count
+        return self.contacts, self.sizes, self.bucket_size, self.local_id, target, count
 
     def _ranked(self, slots, target: bytes) -> list[int]:
         goal = as_int(target)
@@ -328,17 +364,18 @@ def test_bucket_index(kernel, pair):
 def test_find_in_bucket(kernel, rng, slots, data):
     base = rng.getrandbits(ID_BITS)
     values = [base ^ rng.getrandbits(data.draw(small_bits)) for _ in range(slots)]  # may repeat
-    raw = b"".join(to_id(v) for v in values) + rng.randbytes(data.draw(st.sampled_from([0, 7, 20])))
-    ids = data.draw(st.sampled_from([bytes, bytearray]))(raw)
+    wrap = data.draw(st.sampled_from([bytes, NodeId]))
+    contacts = [Entry(wrap(to_id(v)), s) for s, v in enumerate(values)]
+    contacts += [None] * data.draw(st.sampled_from([0, 1, 3]))  # beyond the range: never read
     first = data.draw(st.integers(0, slots))
     count = data.draw(st.integers(0, slots - first))
     pool = values + [base, rng.getrandbits(ID_BITS)]
     node_id = to_id(pool[data.draw(st.integers(0, len(pool) - 1))])
     expected = next((s for s in range(first, first + count) if to_id(values[s]) == node_id), -1)
-    assert kernel.find_in_bucket(ids, first, count, node_id) == expected
-    assert kernel.find_in_bucket(ids, first, count, NodeId(node_id)) == expected
+    assert kernel.find_in_bucket(contacts, first, count, node_id) == expected
+    assert kernel.find_in_bucket(contacts, first, count, NodeId(node_id)) == expected
     if kernel is not spec:
-        assert spec.find_in_bucket(ids, first, count, node_id) == expected
+        assert spec.find_in_bucket(contacts, first, count, node_id) == expected
 
 
 @FEW_EXAMPLES
@@ -416,11 +453,11 @@ def test_closest_in_sorted_same_traversal(both_kernels, keys_base, data):
 def test_closest_in_table_misplaced_ids_follow_the_procedure(both_kernels):
     """Local ID 0, target 0, so j = L = 1: bucket 1 is ranked first, though the ID in bucket 0
     (which belongs far deeper) is the nearer. Both kernels give the procedure's answer."""
-    near, far = to_id(1), to_id(1 << (ID_BITS - 1))
-    layout = (near + far, ["near", "far"], bytes([1, 1]), 1, to_id(0), to_id(0))
+    near, far = Entry(to_id(1), "near"), Entry(to_id(1 << (ID_BITS - 1)), "far")
+    layout = ([near, far], bytes([1, 1]), 1, to_id(0), to_id(0))
     for kernel in both_kernels:
-        assert kernel.closest_in_table(*layout, 2) == ["far", "near"]
-        assert kernel.closest_in_table(*layout, 1) == ["far"]
+        assert kernel.closest_in_table(*layout, 2) == [far, near]
+        assert kernel.closest_in_table(*layout, 1) == [far]
 
 
 def test_closest_in_table_deep_ties(kernel):
@@ -437,9 +474,7 @@ def test_closest_in_table_deep_ties(kernel):
     table = Table(rng, 255, [255, 100, 255], local, make_id)
     dup_slot, other = 2 * 255 + 3, 2 * 255 + 47
     table.occupied[other] = table.occupied[dup_slot]
-    ids = bytearray(table.ids)
-    ids[other * ID_BYTES : other * ID_BYTES + ID_BYTES] = to_id(table.occupied[dup_slot])
-    table.ids = ids
+    table.contacts[other] = Entry(to_id(table.occupied[dup_slot]), other)
     targets = [local, table.occupied[dup_slot], local ^ (1 << 100), id_with_prefix(rng, local, 0)]
     for target in map(to_id, targets):
         for count in (1, 5, 20, 64, 65, 254, 255, 256, 355, 356, 609, 610, 611):
@@ -472,7 +507,7 @@ def test_bool_counts_like_python(both_kernels):
     for kernel in both_kernels:
         assert kernel.closest_in_table(*table.args(target, True)) == table.brute(target, 1)
         assert kernel.closest_in_table(*table.args(target, False)) == []
-        assert kernel.find_in_bucket(table.ids, False, True, to_id(table.occupied[0])) == 0
+        assert kernel.find_in_bucket(table.contacts, False, True, to_id(table.occupied[0])) == 0
 
 
 def test_keyword_arguments(both_kernels):
@@ -480,16 +515,16 @@ def test_keyword_arguments(both_kernels):
     rng = random.Random(4)
     table = well_formed(rng, 3, [3, 2], rng.getrandbits(ID_BITS))
     target = to_id(rng.getrandbits(ID_BITS))
-    kwargs = {"ids": table.ids, "contacts": table.contacts, "sizes": table.sizes}
+    kwargs = {"contacts": table.contacts, "sizes": table.sizes}
     kwargs.update(bucket_size=3, local_id=table.local_id)
     for kernel in (py, c):
         assert kernel.closest_in_table(target=target, count=3, **kwargs) == table.brute(target, 3)
         assert kernel.bucket_index(node_id=target, local_id=target) == ID_BITS
     for call in (
         lambda k: k.closest_in_table(target=target, count=3, colour=1, **kwargs),
-        lambda k: k.closest_in_table(table.ids, target=target, count=3, **kwargs),
+        lambda k: k.closest_in_table(table.contacts, target=target, count=3, **kwargs),
         lambda k: k.closest_in_table(*table.args(target, 3)[:-1]),
-        lambda k: k.closest_in_table(*table.args(target, 3)[:4], target, 3),  # no local_id
+        lambda k: k.closest_in_table(*table.args(target, 3)[:3], target, 3),  # no local_id
         lambda k: k.closest_in_sorted([], [], target),
         lambda k: k.bucket_index(target, target, target),
     ):
@@ -501,11 +536,12 @@ def test_keyword_arguments(both_kernels):
 GOOD = to_id(1)
 KEYS = [to_id(v) for v in (1, 2, 3, 5, 8, 13, 21)]
 VALUES = list(range(len(KEYS)))
-TABLE = (bytes(2 * 3 * ID_BYTES), [None] * 6, bytes([3, 1]), 3)  # ids, contacts, sizes, size
+ONE = [Entry(GOOD, 0)]  # a one-slot contacts list
+TABLE = ([Entry(to_id(v), s) for s, v in enumerate((2, 3, 4, 5))] + [None, None], bytes([3, 1]), 3)
 
 
 def table_call(**changes):
-    args = dict(zip(("ids", "contacts", "sizes", "bucket_size"), TABLE))
+    args = dict(zip(("contacts", "sizes", "bucket_size"), TABLE))
     args.update(local_id=GOOD, target=GOOD, count=2)
     args.update(changes)
     return "closest_in_table", tuple(args.values())
@@ -514,6 +550,15 @@ def table_call(**changes):
 def sorted_call(keys=KEYS, values=None, target=GOOD, count=2):
     values = VALUES[: len(keys)] if values is None else values
     return "closest_in_sorted", (keys, values, target, count)
+
+
+def with_bad(*bad) -> list:
+    """TABLE's contacts with ``bad`` (slot, object) pairs put in. TABLE's local ID and target are
+    GOOD, so ``closest_in_table(..., count=2)`` reads slot 3 (bucket 1), then slots 0, 1, 2."""
+    contacts = list(TABLE[0])
+    for slot, entry in bad:
+        contacts[slot] = entry
+    return contacts
 
 
 def replaced(position: int, key) -> list:
@@ -533,28 +578,40 @@ BAD_CALLS = [
     ("bucket_index", (GOOD, 1), "node_id", ArgumentTypeError),
     ("bucket_index", (GOOD, b""), "node_id", ArgumentValueError),
     ("bucket_index", (b"", None), "local_id", ArgumentValueError),  # checked in order
-    ("find_in_bucket", ("ids", 0, 1, GOOD), "ids", ArgumentTypeError),
-    ("find_in_bucket", (memoryview(GOOD), 0, 1, GOOD), "ids", ArgumentTypeError),
-    ("find_in_bucket", ([GOOD], 0, 1, GOOD), "ids", ArgumentTypeError),
-    ("find_in_bucket", (GOOD, 0.0, 1, GOOD), "first_slot", ArgumentTypeError),
-    ("find_in_bucket", (GOOD, "0", 1, GOOD), "first_slot", ArgumentTypeError),
-    ("find_in_bucket", (GOOD, 0, None, GOOD), "slot_count", ArgumentTypeError),
-    ("find_in_bucket", (GOOD, 0, 1, bytearray(GOOD)), "node_id", ArgumentTypeError),
-    ("find_in_bucket", (GOOD, 0, 1, GOOD[:10]), "node_id", ArgumentValueError),
-    ("find_in_bucket", (GOOD, -1, 1, GOOD), "first_slot", ArgumentValueError),
-    ("find_in_bucket", (GOOD, 0, -1, GOOD), "slot_count", ArgumentValueError),
-    ("find_in_bucket", (GOOD, 1, 1, GOOD), "first_slot", ArgumentValueError),
-    ("find_in_bucket", (GOOD, 0, 2, GOOD), "slot_count", ArgumentValueError),
-    ("find_in_bucket", (GOOD * 3 + b"x" * 19, 2, 2, GOOD), "slot_count", ArgumentValueError),
-    ("find_in_bucket", (GOOD, 2**70, 0, GOOD), "first_slot", ArgumentValueError),
-    ("find_in_bucket", (GOOD, 0, 2**70, GOOD), "slot_count", ArgumentValueError),
-    ("find_in_bucket", (GOOD, -(2**70), 2**70, GOOD), "first_slot", ArgumentValueError),
-    ("find_in_bucket", (GOOD, 2**63 - 1, 2**63 - 1, GOOD), "slot_count", ArgumentValueError),
-    ("find_in_bucket", (None, None, None, None), "ids", ArgumentTypeError),
-    ("find_in_bucket", (GOOD, -1, 0, b""), "node_id", ArgumentValueError),  # id before range
-    (*table_call(ids=None), "ids", ArgumentTypeError),
-    (*table_call(ids=memoryview(TABLE[0])), "ids", ArgumentTypeError),
-    (*table_call(contacts=tuple(TABLE[1])), "contacts", ArgumentTypeError),
+    ("find_in_bucket", ("contacts", 0, 1, GOOD), "contacts", ArgumentTypeError),
+    ("find_in_bucket", (tuple(ONE), 0, 1, GOOD), "contacts", ArgumentTypeError),
+    ("find_in_bucket", (GOOD, 0, 1, GOOD), "contacts", ArgumentTypeError),
+    ("find_in_bucket", (ONE, 0.0, 1, GOOD), "first_slot", ArgumentTypeError),
+    ("find_in_bucket", (ONE, "0", 1, GOOD), "first_slot", ArgumentTypeError),
+    ("find_in_bucket", (ONE, 0, None, GOOD), "slot_count", ArgumentTypeError),
+    ("find_in_bucket", (ONE, 0, 1, bytearray(GOOD)), "node_id", ArgumentTypeError),
+    ("find_in_bucket", (ONE, 0, 1, GOOD[:10]), "node_id", ArgumentValueError),
+    ("find_in_bucket", (ONE, -1, 1, GOOD), "first_slot", ArgumentValueError),
+    ("find_in_bucket", (ONE, 0, -1, GOOD), "slot_count", ArgumentValueError),
+    ("find_in_bucket", (ONE, 1, 1, GOOD), "first_slot", ArgumentValueError),
+    ("find_in_bucket", (ONE, 0, 2, GOOD), "slot_count", ArgumentValueError),
+    ("find_in_bucket", (ONE * 3, 2, 2, GOOD), "slot_count", ArgumentValueError),
+    ("find_in_bucket", (ONE, 2**70, 0, GOOD), "first_slot", ArgumentValueError),
+    ("find_in_bucket", (ONE, 0, 2**70, GOOD), "slot_count", ArgumentValueError),
+    ("find_in_bucket", (ONE, -(2**70), 2**70, GOOD), "first_slot", ArgumentValueError),
+    ("find_in_bucket", (ONE, 2**63 - 1, 2**63 - 1, GOOD), "slot_count", ArgumentValueError),
+    ("find_in_bucket", (None, None, None, None), "contacts", ArgumentTypeError),
+    ("find_in_bucket", (ONE, -1, 0, b""), "node_id", ArgumentValueError),  # id before range
+    # a contact read in the range whose node_id is missing or not 20 bytes of bytes
+    ("find_in_bucket", ([NoId()], 0, 1, GOOD), "contacts[0]", ArgumentTypeError),
+    ("find_in_bucket", ([None], 0, 1, GOOD), "contacts[0]", ArgumentTypeError),
+    ("find_in_bucket", ([Entry(None)], 0, 1, GOOD), "contacts[0].node_id", ArgumentTypeError),
+    ("find_in_bucket", ([Entry(bytearray(GOOD))], 0, 1, GOOD), "contacts[0]", ArgumentTypeError),
+    ("find_in_bucket", ([Entry(GOOD.hex())], 0, 1, GOOD), "contacts[0]", ArgumentTypeError),
+    ("find_in_bucket", ([Entry(1)], 0, 1, GOOD), "contacts[0]", ArgumentTypeError),
+    ("find_in_bucket", ([Entry(GOOD[:19])], 0, 1, GOOD), "contacts[0]", ArgumentValueError),
+    ("find_in_bucket", ([Entry(GOOD + b"\0")], 0, 1, GOOD), "contacts[0]", ArgumentValueError),
+    ("find_in_bucket", ([Entry(b"")], 0, 1, GOOD), "contacts[0]", ArgumentValueError),
+    ("find_in_bucket", ([None, Entry(to_id(2)), None], 1, 2, GOOD), "contacts[2]",
+     ArgumentTypeError),
+    (*table_call(contacts=None), "contacts", ArgumentTypeError),
+    (*table_call(contacts=bytes(6 * ID_BYTES)), "contacts", ArgumentTypeError),
+    (*table_call(contacts=tuple(TABLE[0])), "contacts", ArgumentTypeError),
     (*table_call(sizes=[3, 1]), "sizes", ArgumentTypeError),
     (*table_call(sizes="ab"), "sizes", ArgumentTypeError),
     (*table_call(bucket_size=3.0), "bucket_size", ArgumentTypeError),
@@ -579,13 +636,12 @@ BAD_CALLS = [
     (*table_call(count=None), "count", ArgumentTypeError),
     (*table_call(count=-1), "count", ArgumentValueError),
     (*table_call(count=-(2**70)), "count", ArgumentValueError),
-    (*table_call(ids=TABLE[0][:-1]), "ids", ArgumentValueError),
-    (*table_call(ids=b""), "ids", ArgumentValueError),
-    (*table_call(contacts=[None] * 5), "contacts", ArgumentValueError),
+    (*table_call(contacts=TABLE[0][:-1]), "contacts", ArgumentValueError),
+    (*table_call(contacts=[]), "contacts", ArgumentValueError),
     (*table_call(sizes=bytes([3, 4])), "sizes", ArgumentValueError),
     (*table_call(sizes=bytearray([255])), "sizes", ArgumentValueError),
-    (*table_call(sizes=bytes(10**6)), "ids", ArgumentValueError),  # a huge layout, no overflow
-    (*table_call(sizes=bytes(10**6), bucket_size=255), "ids", ArgumentValueError),
+    (*table_call(sizes=bytes(10**6)), "contacts", ArgumentValueError),  # huge, no overflow
+    (*table_call(sizes=bytes(10**6), bucket_size=255), "contacts", ArgumentValueError),
     # the first failing check wins
     (*table_call(bucket_size=0, target=None), "bucket_size", ArgumentValueError),
     (*table_call(bucket_size=0, local_id=None), "bucket_size", ArgumentValueError),
@@ -593,12 +649,22 @@ BAD_CALLS = [
     (*table_call(local_id=None, target=None), "local_id", ArgumentTypeError),
     (*table_call(local_id=GOOD[:5], target=b""), "local_id", ArgumentValueError),
     (*table_call(local_id=b"", count=-1), "local_id", ArgumentValueError),
-    (*table_call(local_id=None, ids=b""), "local_id", ArgumentTypeError),  # before capacity
+    (*table_call(local_id=None, contacts=[]), "local_id", ArgumentTypeError),  # before capacity
     (*table_call(local_id=GOOD, target=None), "target", ArgumentTypeError),
-    (*table_call(count=-1, ids=b""), "count", ArgumentValueError),
+    (*table_call(count=-1, contacts=[]), "count", ArgumentValueError),
     (*table_call(target=b"", count=None), "target", ArgumentValueError),
-    (*table_call(ids=b"", contacts=[]), "ids", ArgumentValueError),
+    (*table_call(contacts=[None] * 5), "contacts", ArgumentValueError),
     (*table_call(contacts=[], sizes=bytes([9, 9])), "contacts", ArgumentValueError),
+    # a contact read while ranking whose node_id is missing or not 20 bytes of bytes; the
+    # groups are read in order (slot 3, then 0, 1, 2) and the first bad one wins
+    (*table_call(contacts=with_bad((3, NoId()))), "contacts[3]", ArgumentTypeError),
+    (*table_call(contacts=with_bad((1, None))), "contacts[1]", ArgumentTypeError),
+    (*table_call(contacts=with_bad((0, Entry(bytearray(GOOD))))), "contacts[0]", ArgumentTypeError),
+    (*table_call(contacts=with_bad((2, Entry(b"")))), "contacts[2]", ArgumentValueError),
+    (*table_call(contacts=with_bad((0, Entry(GOOD * 2)))), "contacts[0]", ArgumentValueError),
+    (*table_call(contacts=with_bad((0, None), (3, Entry(b"")))), "contacts[3]", ArgumentValueError),
+    (*table_call(contacts=with_bad((0, Entry(b"")), (2, None))), "contacts[0]", ArgumentValueError),
+    (*table_call(contacts=with_bad((3, Entry(b""))), count=-1), "count", ArgumentValueError),
     (*sorted_call(keys=tuple(KEYS)), "keys", ArgumentTypeError),
     (*sorted_call(values=tuple(VALUES)), "values", ArgumentTypeError),
     (*sorted_call(target=None), "target", ArgumentTypeError),
@@ -684,33 +750,47 @@ def test_every_chosen_key_is_checked(kernel):
 def test_no_reference_leaks(both_kernels):
     rng = random.Random(9)
     table = well_formed(rng, 20, [20] * 30, rng.getrandbits(ID_BITS))  # 600 slots
-    marker = object()
+    marker = Entry(to_id(rng.getrandbits(ID_BITS)))
     table.contacts = [marker] * len(table.contacts)
     keys = sorted(to_id(rng.getrandbits(ID_BITS)) for _ in range(1000))
     values = [marker] * len(keys)
     targets = [to_id(rng.getrandbits(ID_BITS)), table.local_id]  # a shallow and the deepest group
     bad_keys = [None] + keys[1:]
     local_id = table.local_id
+    short, wrong = Entry(marker.node_id[:19]), Entry(bytearray(marker.node_id))  # bad node_ids
+    bad_tables = [[marker] * 5 + [entry] + [marker] * 594 for entry in (short, wrong, NoId())]
+    getter = _Property(lambda: marker.node_id)  # read through PyObject_GetAttr in C
+    getter_table = [getter] * 600
+    watched = (marker, marker.node_id, short, short.node_id, wrong, wrong.node_id, local_id, getter)
     for kernel in both_kernels:
         for count in (3, 20, 100, 2**70):  # stack and heap buffers, one group and several
             for target in targets:
                 kernel.closest_in_table(*table.args(target, count))
                 kernel.closest_in_sorted(keys, values, target, count)
         gc.collect()
-        before = [sys.getrefcount(o) for o in (marker, local_id, *targets, keys[5])]
+        before = [sys.getrefcount(o) for o in (*watched, *targets, keys[5])]
         for _ in range(100):
             for count in (3, 20, 100, 2**70):
                 for target in targets:
                     kernel.closest_in_table(*table.args(target, count))
                     kernel.closest_in_sorted(keys, values, target, count)
+            assert kernel.find_in_bucket(table.contacts, 40, 20, marker.node_id) == 40
+            assert kernel.find_in_bucket(table.contacts, 40, 20, targets[0]) == -1
+            assert kernel.find_in_bucket(getter_table, 40, 20, targets[0]) == -1
+            assert len(kernel.closest_in_table(getter_table, *table.args(targets[0], 30)[1:])) == 30
+            for contacts in bad_tables:
+                with pytest.raises((ArgumentTypeError, ArgumentValueError)):
+                    kernel.find_in_bucket(contacts, 0, 20, targets[0])
+                with pytest.raises((ArgumentTypeError, ArgumentValueError)):
+                    kernel.closest_in_table(contacts, *table.args(targets[0], 2**70)[1:])
             with pytest.raises(ArgumentTypeError):
                 kernel.closest_in_sorted(bad_keys, values, targets[0], 20)
             with pytest.raises(ArgumentValueError):
                 kernel.closest_in_table(*table.args(targets[0], -1))
             with pytest.raises(ArgumentTypeError):
-                kernel.closest_in_table(*table.args(targets[0], 3)[:4], None, targets[0], 3)
+                kernel.closest_in_table(*table.args(targets[0], 3)[:3], None, targets[0], 3)
         gc.collect()
-        after = [sys.getrefcount(o) for o in (marker, local_id, *targets, keys[5])]
+        after = [sys.getrefcount(o) for o in (*watched, *targets, keys[5])]
         assert after == before
 
 
@@ -736,10 +816,10 @@ def test_no_finalizer_runs_inside_a_c_call(both_kernels):
     _, c = both_kernels
     rng = random.Random(13)
     table = well_formed(rng, 20, [20] * 20, rng.getrandbits(ID_BITS))
-    table.ids, table.sizes = bytearray(table.ids), bytearray(table.sizes)
+    table.sizes = bytearray(table.sizes)
     keys = sorted(to_id(rng.getrandbits(ID_BITS)) for _ in range(300))
     values = list(range(len(keys)))
-    ids, contacts, sizes, local_id = table.ids, table.contacts, table.sizes, table.local_id
+    contacts, sizes, local_id = table.contacts, table.sizes, table.local_id
     target = to_id(rng.getrandbits(ID_BITS))
     expected_table = table.brute(target, 20)
     expected_sorted = brute_sorted(keys, values, target, 20)
@@ -753,7 +833,7 @@ def test_no_finalizer_runs_inside_a_c_call(both_kernels):
             hold = [[] for _ in range(200)]  # use up the freed lists kept for reuse
             _Finalizer()
             inside[0] = True
-            got_table = c.closest_in_table(ids, contacts, sizes, 20, local_id, target, 20)
+            got_table = c.closest_in_table(contacts, sizes, 20, local_id, target, 20)
             inside[0] = False
             _Finalizer()
             inside[0] = True
@@ -766,3 +846,103 @@ def test_no_finalizer_runs_inside_a_c_call(both_kernels):
         gc.set_threshold(*thresholds)
         gc.collect()
     assert ran and not any(ran)
+
+
+# --- node_id read from the contacts -------------------------------------------------------------
+
+
+def _raise(exc):
+    raise exc
+
+
+def _emptied() -> Entry:
+    """An Entry whose node_id slot was deleted (C reads slots directly: it must see the gap)."""
+    entry = Entry(GOOD)
+    del entry.node_id
+    return entry
+
+
+class _Intercepted(Entry):
+    """A slotted entry whose __getattribute__ answers node_id itself (C must not read the slot)."""
+
+    __slots__ = ()
+
+    def __getattribute__(self, name):
+        return b"short" if name == "node_id" else object.__getattribute__(self, name)
+
+
+@pytest.mark.parametrize(
+    "bad, expected",
+    [
+        (NoId(), ArgumentTypeError),
+        (_emptied(), ArgumentTypeError),
+        (_Intercepted(GOOD), ArgumentValueError),
+        (None, ArgumentTypeError),
+        (Entry(None), ArgumentTypeError),
+        (Entry(bytearray(20)), ArgumentTypeError),
+        (Entry(memoryview(bytes(20))), ArgumentTypeError),
+        (Entry("x" * 20), ArgumentTypeError),
+        (Entry(b""), ArgumentValueError),
+        (Entry(bytes(19)), ArgumentValueError),
+        (Entry(NodeId(bytes(20)) + b"\0"), ArgumentValueError),
+        (_Property(lambda: _raise(AttributeError("gone"))), ArgumentTypeError),
+        (_Property(lambda: bytes(21)), ArgumentValueError),
+        (_Property(lambda: _raise(RuntimeError("boom"))), RuntimeError),  # not ours: passed on
+    ],
+)
+def test_bad_node_id_same_typed_error_from_both_kernels(both_kernels, bad, expected):
+    """A contact read whose node_id is missing or not 20 bytes of bytes: both kernels raise the
+    same class with the same message, naming the slot; find_in_bucket stops at a match before
+    it, and closest_in_table reads only the groups it ranks."""
+    rng = random.Random(21)
+    table = well_formed(rng, 4, [4, 4, 4], rng.getrandbits(ID_BITS))
+    slot = 5  # bucket 1
+    table.contacts[slot] = bad
+    in_bucket_0 = to_id(id_with_prefix(rng, table.local, 0))
+    raised = []
+    for kernel in both_kernels:
+        with pytest.raises(expected) as find_info:
+            kernel.find_in_bucket(table.contacts, 4, 4, in_bucket_0)
+        with pytest.raises(expected) as closest_info:
+            kernel.closest_in_table(*table.args(in_bucket_0, 5))  # bucket 0 is not enough
+        raised.append((str(find_info.value), str(closest_info.value)))
+        assert kernel.find_in_bucket(table.contacts, 4, 1, in_bucket_0) == -1  # slot 5 unread
+        assert kernel.find_in_bucket(table.contacts, 4, 4, table.contacts[4].node_id) == 4
+        assert kernel.closest_in_table(*table.args(in_bucket_0, 4)) == table.brute(in_bucket_0, 4)
+    assert raised[0] == raised[1]
+    if expected is not RuntimeError:
+        assert all(f"contacts[{slot}]" in message for message in raised[0])
+
+
+def test_node_id_getters_that_change_the_table(both_kernels):
+    """A node_id property runs Python code inside a call. One that empties the contacts list
+    makes both kernels raise IndexError (C must not read freed items); one that empties the
+    sizes bytearray changes nothing (both read sizes once); one that replaces a list item gives
+    the item in the list at the end, in both."""
+    rng = random.Random(22)
+    table = well_formed(rng, 4, [4, 4, 4], rng.getrandbits(ID_BITS))
+    target = to_id(id_with_prefix(rng, table.local, 0))  # bucket 0 is ranked first
+    expected = table.brute(target, 12)
+    first, last = table.contacts[0], table.contacts[11]
+    stranger = Entry(last.node_id, "stranger")  # same ID, another object
+    for kernel in both_kernels:
+        contacts = list(table.contacts)
+        contacts[0] = _Property(lambda: (contacts.clear(), first.node_id)[1])
+        with pytest.raises(IndexError):
+            kernel.closest_in_table(contacts, bytearray(table.sizes), 4, table.local_id, target, 12)
+        contacts = [None, first]
+        contacts[0] = _Property(lambda: (contacts.clear(), GOOD)[1])
+        with pytest.raises(IndexError):
+            kernel.find_in_bucket(contacts, 0, 2, target)
+
+        contacts, sizes = list(table.contacts), bytearray(table.sizes)
+        getter = contacts[0] = _Property(lambda: (sizes.clear(), first.node_id)[1])
+        got = kernel.closest_in_table(contacts, sizes, 4, table.local_id, target, 12)
+        assert sizes == b"" and got == [getter if e is first else e for e in expected]
+
+        contacts = list(table.contacts)
+        getter = contacts[0] = _Property(
+            lambda: (contacts.__setitem__(11, stranger), first.node_id)[1]
+        )
+        got = kernel.closest_in_table(contacts, table.sizes, 4, table.local_id, target, 12)
+        assert got == [{first: getter, last: stranger}.get(e, e) for e in expected]
