@@ -893,7 +893,7 @@ class DhtEngine:
         bucket = buckets.get(ip)
         if bucket is None:
             if buckets is _NO_ENTRIES:
-                buckets = self._ip_buckets = OrderedDict()
+                buckets = self._own("_ip_buckets")
             while len(buckets) >= config.max_rate_limited_ips:
                 buckets.popitem(last=False)
             bucket = buckets[ip] = _TokenBucket(config.burst_per_ip, now)

@@ -271,7 +271,7 @@ class RecordStore:
             return self._refuse("key_not_derived", StoreStatus.KEY_NOT_DERIVED, record)
         held = self._records.get(key)
         if held is not None:
-            return self._update(held, key, None, record, now)
+            return self._update(held, record, now)
         limits = self._limits
         if _over_quota(self._record_charges, source, limits.max_records_per_source):
             return self._refuse("full_source", StoreStatus.STORE_FULL, record)
@@ -334,7 +334,7 @@ class RecordStore:
         group = self._providers.get(key)
         held = None if group is None else group.get(provider_id)
         if held is not None:
-            status = self._update(held, key, provider_id, record, now)
+            status = self._update(held, record, now)
             if status is StoreStatus.STORED:
                 _to_end(group, provider_id)  # type: ignore[arg-type]
             return status
@@ -429,8 +429,7 @@ class RecordStore:
         self._schedule(entry)
         return entry
 
-    def _update(self, held: _Entry, key: NodeId, provider_id: NodeId | None, record: PeerRecord,
-                now: float) -> StoreStatus:
+    def _update(self, held: _Entry, record: PeerRecord, now: float) -> StoreStatus:
         """A record for an entry already held: replace (newer seq), refresh (same bytes) or
         refuse (older, or same seq with other bytes: first seen wins)."""
         old = held.record
@@ -448,6 +447,7 @@ class RecordStore:
         else:
             return self._refuse("stale", StoreStatus.STALE, record)
         if keep_until != held.keep_until:  # a new entry in the same place; the old one is stale
+            key, provider_id = held.key, held.provider_id
             held = _Entry(record, held.source, keep_until, now, key, provider_id)
             if provider_id is None:
                 self._records[key] = held

@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 import random
 from array import array
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from types import ModuleType
 
@@ -472,9 +472,11 @@ class RoutingTable:
         by_bucket: list[list[Contact]] = [[] for _ in range(last + 1)]
         for contact, prefix in zip(contacts, prefixes):
             by_bucket[min(prefix, last)].append(contact)
-        self._slots = [c for members in by_bucket for c in members + [None] * (k - len(members))]
-        self._seen = array(_SEEN, [now if c is not None else 0.0 for c in self._slots])
-        self._sizes = bytearray(len(members) for members in by_bucket)
+        self._slots = [None] * (k * (last + 1))
+        self._seen = array(_SEEN, bytes(_SEEN_BYTES * k * (last + 1)))
+        self._sizes = bytearray(last + 1)
+        for bucket, members in enumerate(by_bucket):
+            self._write_bucket(bucket, members, lambda contact: now)
         self._activity = [now] * (last + 1) if contacts else self._activity
         self._replacements = [None] * (last + 1)
         self._checking = [None] * (last + 1)
@@ -688,6 +690,7 @@ class RoutingTable:
         first = last * k
         members = self._slots[first : first + self._sizes[last]]
         seen = dict(zip((c.node_id for c in members), self._seen[first : first + len(members)]))
+        seen_of = lambda contact: seen[contact.node_id]  # noqa: E731
         # New exact-size arrays rather than extend(): growing in place over-allocates ~1/8 that
         # stays for the table's life (~1 KB per table at 10^6 nodes); a table splits ~log2(n) times.
         self._slots = self._slots + [None] * k
@@ -696,8 +699,8 @@ class RoutingTable:
         self._activity.append(self._activity[last])
         self._replacements.append(None)
         self._checking.append(None)
-        self._write_bucket(last, [c for c in members if not deeper(c)], seen)
-        self._write_bucket(last + 1, [c for c in members if deeper(c)], seen)
+        self._write_bucket(last, [c for c in members if not deeper(c)], seen_of)
+        self._write_bucket(last + 1, [c for c in members if deeper(c)], seen_of)
         cache = self._replacements[last]
         if cache:
             self._replacements[last] = [c for c in cache if not deeper(c)] or None
@@ -710,13 +713,14 @@ class RoutingTable:
         local, index = self._local, self._kernel.bucket_index
         return lambda contact: index(local, contact.node_id) > prefix
 
-    def _write_bucket(self, bucket: int, contacts: list[Contact], seen: dict[bytes, float]) -> None:
-        """Lay ``contacts`` out as bucket ``bucket``'s slots, in order (``seen``: their last-seen
-        times by node ID)."""
+    def _write_bucket(self, bucket: int, contacts: list[Contact],
+                      seen_of: Callable[[Contact], float]) -> None:
+        """Lay ``contacts`` out as bucket ``bucket``'s slots, in order (``seen_of``: a contact's
+        last-seen time)."""
         k = self._k
         first = bucket * k
         self._slots[first : first + k] = contacts + [None] * (k - len(contacts))
-        self._seen[first : first + k] = array(_SEEN, [seen[c.node_id] for c in contacts] + [0.0] * (k - len(contacts)))
+        self._seen[first : first + k] = array(_SEEN, [seen_of(c) for c in contacts] + [0.0] * (k - len(contacts)))
         self._sizes[bucket] = len(contacts)
 
     def __repr__(self) -> str:
