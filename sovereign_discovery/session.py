@@ -348,6 +348,31 @@ def _x25519_public(ed25519_public: bytes) -> bytes:
     return nacl.bindings.crypto_sign_ed25519_pk_to_curve25519(ed25519_public)
 
 
+def _initiator_secret(random_bytes: Callable[[int], bytes], peer_public_key: bytes) -> tuple[bytes, bytes] | None:
+    """Handshake step 3's DH (HANDSHAKE and INITIATE alike): a fresh ephemeral key and its shared
+    secret with the peer's static key, as ``(ephemeral public key, secret)``; None when the peer's
+    key is unusable or gives a small-order point (RFC 7748 §6.1)."""
+    try:
+        peer_x25519 = _x25519_public(bytes(peer_public_key))
+        ephemeral_key = nacl.public.PrivateKey(random_bytes(32))
+        secret = nacl.bindings.crypto_scalarmult(bytes(ephemeral_key), peer_x25519)
+    except nacl.exceptions.CryptoError:
+        return None
+    if secret == bytes(32):
+        return None
+    return bytes(ephemeral_key.public_key), secret
+
+
+def _responder_secret(x25519_secret: bytes, ephemeral: bytes) -> bytes | None:
+    """Handshake step 4's DH: our static key with the initiator's ephemeral one; None when the
+    ephemeral key is unusable or gives a small-order point (RFC 7748 §6.1)."""
+    try:
+        secret = nacl.bindings.crypto_scalarmult(x25519_secret, ephemeral)
+    except nacl.exceptions.CryptoError:
+        return None
+    return None if secret == bytes(32) else secret
+
+
 def _handshake_signed(challenge_data: bytes, ephemeral: bytes, id_b: bytes) -> bytes:
     """What ``id_signature`` covers: a HANDSHAKE's (purpose ``session-handshake``, over the
     WHOAREYOU) and an INITIATE's (purpose ``session-initiate``, over its own header before the
@@ -825,17 +850,11 @@ class SessionLayer:
     def _initiate(self, peer: Contact, challenge_data: bytes, messages: list[bytes], now: float) -> Received:
         """Handshake step 3 (docs/protocol.md): answer a solicited WHOAREYOU with a HANDSHAKE."""
         id_b = bytes(peer.node_id)
-        try:
-            peer_x25519 = _x25519_public(bytes(peer.public_key))
-            ephemeral_key = nacl.public.PrivateKey(self._random(32))
-            ephemeral = bytes(ephemeral_key.public_key)
-            secret = nacl.bindings.crypto_scalarmult(bytes(ephemeral_key), peer_x25519)
-        except nacl.exceptions.CryptoError:
+        dh = _initiator_secret(self._random, peer.public_key)
+        if dh is None:
             self._stats["pending_dropped"] += len(messages)
             return self._drop("bad_key", peer.address)
-        if secret == bytes(32):  # small-order point (RFC 7748 §6.1)
-            self._stats["pending_dropped"] += len(messages)
-            return self._drop("bad_key", peer.address)
+        ephemeral, secret = dh
         initiator_key, recipient_key = _session_keys(secret, challenge_data, self._id, id_b)
         signature = self._identity.sign(
             SignaturePurpose.SESSION_HANDSHAKE, _handshake_signed(challenge_data, ephemeral, id_b))
@@ -873,11 +892,8 @@ class SessionLayer:
         if not verify_signature(public_key, SignaturePurpose.SESSION_HANDSHAKE,
                                 _handshake_signed(challenge_data, ephemeral, self._id), signature):
             return self._drop("bad_signature", source)
-        try:
-            secret = nacl.bindings.crypto_scalarmult(self._x25519_secret, ephemeral)
-        except nacl.exceptions.CryptoError:
-            return self._drop("bad_key", source)
-        if secret == bytes(32):
+        secret = _responder_secret(self._x25519_secret, ephemeral)
+        if secret is None:
             return self._drop("bad_key", source)
         initiator_key, recipient_key = _session_keys(secret, challenge_data, src_id, self._id)
         message = aead.decrypt(datagram[_HANDSHAKE_HEAD:], datagram[:_HANDSHAKE_HEAD], nonce, initiator_key)
@@ -987,15 +1003,10 @@ class SessionLayer:
         message). None if the peer's key is unusable (it would fail the handshake too)."""
         peer = pending.peer
         id_b = bytes(peer.node_id)
-        try:
-            peer_x25519 = _x25519_public(bytes(peer.public_key))
-            ephemeral_key = nacl.public.PrivateKey(self._random(32))
-            secret = nacl.bindings.crypto_scalarmult(bytes(ephemeral_key), peer_x25519)
-        except nacl.exceptions.CryptoError:
+        dh = _initiator_secret(self._random, peer.public_key)
+        if dh is None:
             return None
-        if secret == bytes(32):  # small-order point (RFC 7748 §6.1)
-            return None
-        ephemeral = bytes(ephemeral_key.public_key)
+        ephemeral, secret = dh
         padding = max(0, MIN_INITIATE_BYTES - _INITIATE_HEAD - len(message) - _TAG)
         signed = (_HEADER.pack(MAGIC, VERSION, KIND_INITIATE, nonce, _AUTH_INITIATE + padding) + self._public_key
                   + ephemeral + _U64.pack(self._unix_ms(now)))
@@ -1026,11 +1037,8 @@ class SessionLayer:
                                 _handshake_signed(signed, ephemeral, self._id),
                                 datagram[_INITIATE_SIGNED:_INITIATE_HEAD]):
             return self._drop("bad_signature", source)  # forged, tampered, or meant for another node
-        try:
-            secret = nacl.bindings.crypto_scalarmult(self._x25519_secret, ephemeral)
-        except nacl.exceptions.CryptoError:
-            return self._drop("bad_key", source)
-        if secret == bytes(32):  # small-order point (RFC 7748 §6.1)
+        secret = _responder_secret(self._x25519_secret, ephemeral)
+        if secret is None:
             return self._drop("bad_key", source)
         initiate_key, accept_key = _session_keys(secret, signed, src_id, self._id)
         message = aead.decrypt(datagram[head:], datagram[:head], nonce, initiate_key)
