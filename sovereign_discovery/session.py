@@ -27,7 +27,9 @@ Decisions beyond ``docs/protocol.md``:
   anything else retries it. Such a re-handshake carries an empty message, which installs the
   session and delivers nothing.
 - Sessions are dropped after ``session_idle_s`` without use (10 min) and beyond ``max_sessions``
-  (1,000, least recently used): see :class:`SessionLimits` for where the defaults come from.
+  (1,000, least recently used): see :class:`SessionLimits` for where the defaults come from. A
+  0-RTT first contact's session that neither side uses again goes after ``unused_session_idle_s``
+  (60 s), on both sides (docs/protocol.md, "Sessions of one exchange").
 - One live challenge per (node ID, address), as sigp/discv5's handler does: while it lives, a
   session MESSAGE we cannot decrypt is dropped (``awaiting_handshake``) instead of replacing it,
   since the HANDSHAKE answering it may be overtaken on the way by the MESSAGEs sent right after
@@ -192,6 +194,13 @@ class SessionLimits:
     #: twice discv5's 300 s ping interval, so a peer pinged on that schedule keeps its session,
     #: while one met in a single lookup does not hold memory for the whole lifetime.
     session_idle_s: float = 600.0
+    #: A session made by a 0-RTT first contact (INITIATE, ACCEPT) that is not used again is
+    #: dropped this long after it was made, on both sides: the initiator's when neither side has
+    #: sent in it since, the responder's while its address has not proved it receives (the peer
+    #: has not sent in it). Most first contacts are one exchange of a lookup; each session costs
+    #: both peers ~1 KB, and the next first contact is another INITIATE, which costs no round
+    #: trip. The initiator counts from its INITIATE, so it drops its side first.
+    unused_session_idle_s: float = 60.0
     #: Outstanding WHOAREYOU challenges in all (``MAX_CHALLENGES``), oldest evicted.
     max_challenges: int = 10_000
     #: Outstanding challenges per source IP: a flood from one host only recycles its own slots, so
@@ -282,7 +291,7 @@ class Received(NamedTuple):
 
 #: Every counter :attr:`SessionLayer.stats` reports besides the table sizes.
 STAT_NAMES = ("packets_in", "bytes_in", "packets_out", "bytes_out", "delivered", "handshakes_initiated",
-              "handshakes_completed", "handshakes_crossed", "sessions_unconfirmed", "sessions_idle",
+              "handshakes_completed", "handshakes_crossed", "sessions_unconfirmed", "sessions_idle", "sessions_unused",
               "pending_dropped", "sessions_evicted", "challenges_evicted", "initiates_sent", "initiates_accepted",
               "initiates_fell_back", "addresses_validated", *DROP_REASONS)
 
@@ -524,6 +533,9 @@ class SessionLayer:
                                     limits.max_zero_rtt_seen, limits.zero_rtt_per_s)
         #: sessions made by an INITIATE whose address has not proved it receives, oldest first
         self._unvalidated_sessions: OrderedDict[tuple[bytes, Address], None] = OrderedDict()
+        #: sessions an ACCEPT made (our INITIATE answered), by when that INITIATE went out, oldest
+        #: first, until unused_session_idle_s has passed or the session is gone
+        self._zero_rtt_made: OrderedDict[tuple[bytes, Address], float] = OrderedDict()
         self._started = False  # the guard knows our start (set at the first call with a ``now``)
         #: the serving fast path's responder (attach_responder), which holds an index of sessions
         self._responder = None
@@ -662,6 +674,35 @@ class SessionLayer:
             if session is not None and not session.confirmed and session.created == created:
                 self._remove_session(key)
                 self._stats["sessions_unconfirmed"] += 1
+        # 0-RTT sessions of one exchange (unused_session_idle_s): the responder's whose address
+        # is still unproven (a MESSAGE the fast path opened proves it now: _settle) and in which
+        # we have not sent since our ACCEPT ...
+        unvalidated = self._unvalidated_sessions
+        for _ in range(len(unvalidated)):
+            key = next(iter(unvalidated))
+            session = sessions[key]
+            if now - session.created < limits.unused_session_idle_s:
+                break
+            if self._settle(key, session):
+                continue
+            if session.cipher.send_counter:  # we sent in it since the ACCEPT: in use, kept
+                unvalidated.move_to_end(key)
+                continue
+            self._remove_session(key)
+            if key not in self._challenges:  # nothing left to answer there: its credit goes too
+                self._unvalidated.pop(key[1], None)
+            self._stats["sessions_unused"] += 1
+        # ... and the initiator's in which neither side has sent since the ACCEPT
+        made = self._zero_rtt_made
+        while made:
+            key, sent = next(iter(made.items()))
+            if now - sent < limits.unused_session_idle_s:
+                break
+            del made[key]
+            cipher = sessions[key].cipher  # (a session that went took its entry with it)
+            if not cipher.send_counter and not cipher.recv_max:
+                self._remove_session(key)
+                self._stats["sessions_unused"] += 1
         for _ in range(min(len(sessions), 256)):  # bounded work; an old session is also dropped on use
             key, session = next(iter(sessions.items()))
             if now - session.created >= limits.session_lifetime_s:
@@ -1128,6 +1169,7 @@ class SessionLayer:
         session = _Session(pending.peer, initiator_key, recipient_key, now)
         session.initiator = True  # for crossing handshakes; confirmed: the peer answered in it
         self._install(key, session)
+        self._zero_rtt_made[key] = initiate.sent
         self._stats["handshakes_initiated"] += 1
         delivered: tuple[Delivered, ...] = ()
         if message:
@@ -1214,6 +1256,7 @@ class SessionLayer:
         session = self._sessions.pop(key, None)
         if session is None:
             return
+        self._zero_rtt_made.pop(key, None)
         if self._responder is not None:
             fast_key = index_key(key[0], key[1])
             if fast_key is not None:

@@ -433,6 +433,83 @@ def test_unvalidated_sessions_are_capped_and_do_not_evict_validated_ones():
     assert b.stats["zero_rtt_seen"] == 210
 
 
+# --- sessions of one exchange (SessionLimits.unused_session_idle_s) ------------------------------
+
+
+UNUSED_S = SessionLimits().unused_session_idle_s
+
+
+def test_a_session_of_one_exchange_is_dropped_on_both_sides_and_the_next_contact_is_0rtt(ab):
+    a_id, a, b_id, b = ab
+    first_contact(a, b, a_id, b_id)  # A's INITIATE at T; B's session made at T
+    for side in (a, b):
+        side.expire(T + UNUSED_S - 0.5)
+        assert side.stats["sessions"] == 1 and side.stats["sessions_unused"] == 0
+    for side in (a, b):
+        side.expire(T + UNUSED_S)
+        assert side.stats["sessions"] == 0 and side.stats["sessions_unused"] == 1
+    assert b.stats["unvalidated_sessions"] == 0 and b.stats["unvalidated_addresses"] == 0
+    # what is left of the exchange is nothing: the next request opens a session as the first did
+    later = T + UNUSED_S + 1
+    [again] = a.send(Contact(b_id.public_key, B_ADDR), b"ping again", later)
+    assert again.datagram[3] == KIND_INITIATE
+    assert deliver(b, [again], A_ADDR, later)[0] == [b"ping again"]
+
+
+def test_the_initiator_drops_its_side_first(ab):
+    """A counts from its INITIATE, B from its receipt: B never holds a session A has dropped
+    unless the INITIATE took no time on the way."""
+    a_id, a, b_id, b = ab
+    [initiate] = a.send(Contact(b_id.public_key, B_ADDR), b"ping", T)
+    deliver(b, [initiate], A_ADDR, T + 0.2)
+    deliver(a, b.send(Contact(a_id.public_key, A_ADDR), b"pong", T + 0.2), B_ADDR, T + 0.4)
+    a.expire(T + UNUSED_S)
+    b.expire(T + UNUSED_S)
+    assert a.stats["sessions"] == 0 and b.stats["sessions"] == 1
+    b.expire(T + 0.2 + UNUSED_S)
+    assert b.stats["sessions"] == 0
+
+
+@pytest.mark.parametrize("who", ["initiator", "responder", "responder_lost"])
+def test_a_session_used_after_its_exchange_is_kept(ab, who):
+    """Either side sending once more in the session makes it an ordinary one: kept by both past
+    unused_session_idle_s (until session_idle_s without use), and no drop counted."""
+    a_id, a, b_id, b = ab
+    first_contact(a, b, a_id, b_id)
+    if who == "initiator":
+        assert deliver(b, a.send(Contact(b_id.public_key, B_ADDR), b"more", T + 1), A_ADDR, T + 1)[0] == [b"more"]
+    else:  # B sends once more; A does not answer in the session (yet)
+        [more] = b.send(Contact(a_id.public_key, A_ADDR), b"more", T + 1)
+        assert more.datagram[3] == KIND_MESSAGE
+        if who == "responder":
+            assert deliver(a, [more], B_ADDR, T + 1)[0] == [b"more"]
+    for side in (a, b):
+        side.expire(T + UNUSED_S + 1)
+    assert b.stats["sessions"] == 1 and b.stats["sessions_unused"] == 0
+    if who != "responder_lost":
+        assert a.stats["sessions"] == 1 and a.stats["sessions_unused"] == 0
+        assert b.stats["unvalidated_sessions"] == (who == "responder")
+    else:  # B's message was lost: A saw nothing after the ACCEPT, its side goes
+        assert a.stats["sessions"] == 0 and a.stats["sessions_unused"] == 1
+        assert b.stats["unvalidated_sessions"] == 1
+    for side in (a, b):
+        side.expire(T + 1 + SessionLimits().session_idle_s)
+        assert side.stats["sessions"] == 0
+
+
+def test_an_unused_session_validated_by_the_fast_path_is_kept(ab):
+    """The fast path opens MESSAGEs without telling the layer: an unproven session whose cipher
+    moved is validated at expiry, not dropped."""
+    a_id, a, b_id, b = ab
+    first_contact(a, b, a_id, b_id)
+    [message] = a.send(Contact(b_id.public_key, B_ADDR), b"served", T + 1)
+    session = b._sessions[(a_id.node_id, A_ADDR)]
+    assert session.cipher.open(message.datagram) == b"served"  # as the fast path would
+    b.expire(T + UNUSED_S)
+    assert b.stats["sessions"] == 1 and b.stats["addresses_validated"] == 1
+    assert b.stats["sessions_unused"] == 0 and b.stats["unvalidated_sessions"] == 0
+
+
 # --- crossing, restarts -------------------------------------------------------------------------
 
 
