@@ -4,7 +4,7 @@ the :class:`~sovereign_discovery.testing.SimulatedNetwork` (virtual time), at si
 nodes up, under four conditions (issue 6, item 1).
 
 Run ``python benchmarks/lookup_scaling.py [--sizes 100,1000] [--lookups 200] [--seed 1]
-[--sessions simulated|real] [--engine-caps default|lean] [--join auto|protocol|global]
+[--sessions simulated|real] [--engine-caps default|lean] [--alpha 3] [--join auto|protocol|global]
 [--protocol-join-max N] [--conditions no_loss,loss_10,...] [--json] [--plot FILE.png]
 [--no-progress]``. Every random
 choice comes from ``--seed``: the same arguments give the same figures (wall times and memory
@@ -15,7 +15,7 @@ Per size, in a child process of its own (forked, so that the memory of one size 
 the next one's figures):
 
 1. **Nodes.** ``N`` engines with deterministic identities at virtual addresses ``10.x.y.z:4000``,
-   ``k = 20``, ``α = 3``. Sessions (``--sessions``): ``simulated`` (the default) gives each engine a
+   ``k = 20``, ``α = 3`` (``--alpha``). Sessions (``--sessions``): ``simulated`` (the default) gives each engine a
    :class:`~sovereign_discovery.sim_session.SimulatedSessionLayer`, which carries messages without
    handshakes or encryption and delivers one only from the address the simulator's directory binds
    to the sender's node ID; ``real`` uses the library's own session layer (X25519 handshakes,
@@ -66,6 +66,7 @@ the next one's figures):
    says how many did). Requests: ``LookupFinished.requests`` (FIND_VALUE requests sent, a retry not
    counted again). Latency: virtual time from the command to ``RecordFound``, i.e. to the end of
    the lookup (a FIND_VALUE lookup runs to the end to find the highest seq).
+   ``rounds_to_target_counts``: how many lookups first contacted the target in each round.
 
 Latency model (``latency_model`` in the output): every datagram independently takes a one-way
 delay drawn from a log-normal distribution with median 50 ms and σ(ln) = 0.5 (p95 ≈ 114 ms, so
@@ -93,6 +94,7 @@ import resource
 import statistics
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -398,6 +400,7 @@ def run_lookups(sim: Sim, pairs: list[tuple[int, int]], show: bool, label: str) 
         "lookups_unfinished": unfinished,
         "target_contacted_rate": len(rounds_to_target) / total,
         "median_rounds_to_target": _median(rounds_to_target),
+        "rounds_to_target_counts": {str(r): n for r, n in sorted(Counter(rounds_to_target).items())},
         "median_rounds": _median(rounds),
         "median_requests": _median(requests),
         "mean_requests": round(statistics.fmean(requests), 2) if requests else None,
@@ -440,6 +443,7 @@ def measure_size(size: int, args: argparse.Namespace, emit=None) -> list[dict[st
     load_before = _load_average()
     started = time.perf_counter()
     config = CONFIG if args.engine_caps == "default" else replace(CONFIG, **LEAN_CAPS)
+    config = replace(config, parallelism=args.alpha)
     sim = make_sim(size, args.seed, args.sessions, config)
     build_s = time.perf_counter() - started
     started, cpu = time.perf_counter(), time.process_time()
@@ -467,7 +471,7 @@ def measure_size(size: int, args: argparse.Namespace, emit=None) -> list[dict[st
         "engine_caps": args.engine_caps,
         "latency_model": LATENCY_MODEL,
         "k": CONFIG.bucket_size,
-        "alpha": CONFIG.parallelism,
+        "alpha": config.parallelism,
         "seed": args.seed,
         "bytes_per_node": round(bytes_per_node),
         "memory_method": "rss_delta",
@@ -648,6 +652,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="session layer of every engine (simulated: no crypto; real: the library's)")
     parser.add_argument("--engine-caps", choices=("default", "lean"), default="default",
                         help="the engines' per-peer table caps: DhtConfig defaults, or lean (less memory)")
+    parser.add_argument("--alpha", type=int, default=CONFIG.parallelism,
+                        help=f"every engine's lookup parallelism, DhtConfig.parallelism ({CONFIG.parallelism})")
     parser.add_argument("--join", choices=("auto", "protocol", "global"), default="auto",
                         help="network formation: protocol joins, a global view, or auto (by size)")
     parser.add_argument("--protocol-join-max", type=int, default=5000,
@@ -678,6 +684,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error("--plot needs matplotlib: pip install -e '.[bench]'")
     if not args.join_interval > 0:
         parser.error("--join-interval must be > 0")
+    if not 1 <= args.alpha <= 255:
+        parser.error("--alpha must be 1..255")
     return args
 
 
