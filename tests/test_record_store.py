@@ -8,7 +8,7 @@ import functools
 import hashlib
 
 import pytest
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
@@ -330,6 +330,38 @@ def test_replication_bookkeeping():
     assert store.due_for_replication(T0 + 2 * HOUR + 10, HOUR) == [(nid(0), a)]
     assert store.mark_replicated(nid(5), T0) is False
     assert store.due_for_replication(T0 + 10 * HOUR, HOUR) == []  # expired ones are not listed
+
+
+@settings(max_examples=150, deadline=None)
+@pytest.mark.parametrize("kind", ["records", "providers"])
+@given(steps=st.lists(st.tuples(st.sampled_from(["put", "mark", "due"]), st.integers(0, 5),
+                                st.integers(0, 4 * HOUR), st.integers(1, 2 * HOUR)), max_size=40))
+def test_what_is_due_is_every_entry_replicated_at_or_before_the_cutoff(kind, steps):
+    """What upkeep asks for (due_for_replication, providers_due_for_replication) equals a scan of
+    every entry, whatever the order of times: the store may skip its scan (a lower bound on the
+    oldest replication time), never an entry that is due."""
+    store = RecordStore()
+    key = capability_key("relay")
+    for op, i, at, interval in steps:
+        now = T0 + at
+        if op == "put" and kind == "records":
+            store.put(nid(i), rec(i, expires_at=T0 + 10 * HOUR), "s", now)
+        elif op == "put":
+            store.add_provider(key, rec(i, caps=["relay"], expires_at=T0 + 10 * HOUR), "s", now)
+        elif op == "mark" and kind == "records":
+            store.mark_replicated(nid(i), now)
+        elif op == "mark":
+            store.mark_provider_replicated(key, nid(i), now)
+        else:
+            if kind == "records":
+                got = store.due_for_replication(now, interval)
+                held = [(e.replicated_at, k, e.record) for k, e in store._records.items()]
+            else:
+                got = store.providers_due_for_replication(now, interval)
+                held = [(e.replicated_at, key, e.record) for e in store._providers.get(key, {}).values()]
+            expected = sorted((item for item in held if item[0] <= now - interval),
+                              key=lambda item: (item[0], item[1], item[2].node_id))
+            assert got == [(k, r) for _, k, r in expected]
 
 
 def test_provider_replication_bookkeeping():
