@@ -4,7 +4,8 @@ the :class:`~sovereign_discovery.testing.SimulatedNetwork` (virtual time), at si
 nodes up, under four conditions (issue 6, item 1).
 
 Run ``python benchmarks/lookup_scaling.py [--sizes 100,1000] [--lookups 200] [--seed 1]
-[--sessions simulated|real] [--engine-caps default|lean] [--alpha 3] [--join auto|protocol|global]
+[--sessions simulated|real] [--engine-caps default|lean] [--alpha 3] [--bucket-bits 1]
+[--join auto|protocol|global]
 [--protocol-join-max N] [--conditions no_loss,loss_10,...] [--json] [--plot FILE.png]
 [--no-progress]``. Every random
 choice comes from ``--seed``: the same arguments give the same figures (wall times and memory
@@ -15,7 +16,8 @@ Per size, in a child process of its own (forked, so that the memory of one size 
 the next one's figures):
 
 1. **Nodes.** ``N`` engines with deterministic identities at virtual addresses ``10.x.y.z:4000``,
-   ``k = 20``, ``α = 3`` (``--alpha``). Sessions (``--sessions``): ``simulated`` (the default) gives each engine a
+   ``k = 20``, ``α = 3`` (``--alpha``), ``b = 1`` (``--bucket-bits``: Kademlia §4.2's bits per
+   routing step, ``DhtConfig.bucket_bits``). Sessions (``--sessions``): ``simulated`` (the default) gives each engine a
    :class:`~sovereign_discovery.sim_session.SimulatedSessionLayer`, which carries messages without
    handshakes or encryption and delivers one only from the address the simulator's directory binds
    to the sender's node ID; ``real`` uses the library's own session layer (X25519 handshakes,
@@ -104,6 +106,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
 from sovereign_discovery.addresses import Address  # noqa: E402
+from sovereign_discovery.constants import MAX_BUCKET_BITS  # noqa: E402
 from sovereign_discovery.events import LookupFinished, RecordAnnounced, RecordFound  # noqa: E402
 from sovereign_discovery.identity import Identity  # noqa: E402
 from sovereign_discovery.keys import KERNEL, KeyspaceIndex  # noqa: E402
@@ -300,11 +303,13 @@ def announce_by_protocol(sim: Sim, interval_s: float, show: bool) -> int:
 
 
 def fill_from_global_view(sim: Sim, rng: random.Random, show: bool) -> None:
-    """Routing tables from the sorted IDs: per prefix length, up to k random nodes sharing exactly
-    that many leading bits (a Kademlia table in a network that has long settled); each node's
+    """Routing tables from the sorted IDs: per bucket, up to k random nodes of the subtree it
+    covers (per prefix length with b = 1; with b > 1 also per value of the bits after it up to the
+    end of its b-bit digit), a Kademlia table in a network that has long settled; each node's
     signed record in the stores of its k true closest and its own."""
     size = len(sim.engines)
     k = CONFIG.bucket_size
+    bits = sim.engines[0].table.bucket_bits if size else 1
     order = sorted(range(size), key=lambda i: sim.engines[i].node_id)
     ints = [int.from_bytes(sim.engines[i].node_id, "big") for i in order]
     now, unix = sim.net.now, sim.net.now + EPOCH
@@ -316,11 +321,15 @@ def fill_from_global_view(sim: Sim, rng: random.Random, show: bool) -> None:
         for prefix in range(160):
             shift = 159 - prefix
             low = ((me >> shift) ^ 1) << shift  # same first `prefix` bits, the next one flipped
-            start = bisect.bisect_left(ints, low)
-            end = bisect.bisect_left(ints, low + (1 << shift))
-            if end > start:
-                picks = range(start, end) if end - start <= k else rng.sample(range(start, end), k)
-                picked.extend(sorted_contacts[j] for j in picks)
+            digit_end = min(prefix - prefix % bits + bits, 160)  # the bucket: these bits too
+            width = shift - (160 - digit_end)
+            for sub in range(1 << (digit_end - 1 - prefix)):
+                sub_low = low + (sub << (shift - width)) if width else low
+                start = bisect.bisect_left(ints, sub_low)
+                end = bisect.bisect_left(ints, sub_low + (1 << (shift - width)))
+                if end > start:
+                    picks = range(start, end) if end - start <= k else rng.sample(range(start, end), k)
+                    picked.extend(sorted_contacts[j] for j in picks)
             own_low = (me >> shift) << shift  # nodes sharing at least prefix + 1 bits: only me?
             if bisect.bisect_left(ints, own_low + (1 << shift)) - bisect.bisect_left(ints, own_low) <= 1:
                 break
@@ -443,7 +452,7 @@ def measure_size(size: int, args: argparse.Namespace, emit=None) -> list[dict[st
     load_before = _load_average()
     started = time.perf_counter()
     config = CONFIG if args.engine_caps == "default" else replace(CONFIG, **LEAN_CAPS)
-    config = replace(config, parallelism=args.alpha)
+    config = replace(config, parallelism=args.alpha, bucket_bits=args.bucket_bits)
     sim = make_sim(size, args.seed, args.sessions, config)
     build_s = time.perf_counter() - started
     started, cpu = time.perf_counter(), time.process_time()
@@ -472,6 +481,7 @@ def measure_size(size: int, args: argparse.Namespace, emit=None) -> list[dict[st
         "latency_model": LATENCY_MODEL,
         "k": CONFIG.bucket_size,
         "alpha": config.parallelism,
+        "bucket_bits": config.bucket_bits,
         "seed": args.seed,
         "bytes_per_node": round(bytes_per_node),
         "memory_method": "rss_delta",
@@ -654,6 +664,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="the engines' per-peer table caps: DhtConfig defaults, or lean (less memory)")
     parser.add_argument("--alpha", type=int, default=CONFIG.parallelism,
                         help=f"every engine's lookup parallelism, DhtConfig.parallelism ({CONFIG.parallelism})")
+    parser.add_argument("--bucket-bits", type=int, default=CONFIG.bucket_bits,
+                        help=f"every engine's Kademlia b, DhtConfig.bucket_bits ({CONFIG.bucket_bits})")
     parser.add_argument("--join", choices=("auto", "protocol", "global"), default="auto",
                         help="network formation: protocol joins, a global view, or auto (by size)")
     parser.add_argument("--protocol-join-max", type=int, default=5000,
@@ -686,6 +698,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--join-interval must be > 0")
     if not 1 <= args.alpha <= 255:
         parser.error("--alpha must be 1..255")
+    if not 1 <= args.bucket_bits <= MAX_BUCKET_BITS:
+        parser.error(f"--bucket-bits must be 1..{MAX_BUCKET_BITS}")
     return args
 
 

@@ -8,7 +8,7 @@ Shape::
       bootstrap  BootstrapConfig  enabled, peers, fallback_peers, timeout_s, retries, backoff_*, jitter
       local      LocalConfig      mdns, bluetooth, scan_interval_s, service_name, mdns_interfaces,
                                   ble_adapter, rotating_token, token_rotation_s
-      dht        DhtSettings      k, alpha, record_ttl_s, lookup_timeout_s, record_quorum, listen_host, listen_port,
+      dht        DhtSettings      k, alpha, bucket_bits, record_ttl_s, lookup_timeout_s, record_quorum, listen_host, listen_port,
                                   advertised_address  (DhtSettings.to_dht_config() -> DhtConfig)
 
 Every setting has one dotted name (``dht.k``), which is its TOML key (``k`` in the ``[dht]``
@@ -51,6 +51,7 @@ from .constants import (
     DEFAULT_BUCKET_SIZE,
     DEFAULT_PARALLELISM,
     DEFAULT_RECORD_TTL_S,
+    MAX_BUCKET_BITS,
     MAX_BUCKET_SIZE,
     MAX_RECORD_LIFETIME_S,
 )
@@ -724,6 +725,10 @@ class DhtSettings:
                       " seeks and a record is stored at.")
     alpha: int = _setting(DEFAULT_PARALLELISM, _Int(1, MAX_BUCKET_SIZE),
                           "Kademlia's α (paper §2.3): lookup requests in flight.")
+    bucket_bits: int = _setting(1, _Int(1, MAX_BUCKET_BITS), (
+        "Kademlia's b (paper §4.2): bits of the target gained per routing step. b > 1 keeps a "
+        "bucket per value of the bits after each shared prefix up to its b-bit digit: a larger "
+        "table, fewer lookup rounds."))
     record_ttl_s: float = _setting(float(DEFAULT_RECORD_TTL_S), _Float(
         MIN_RECORD_TTL_S, MAX_RECORD_LIFETIME_S, unit="seconds"), (
         "Lifetime of the node's own signed record; it is republished at half of it. At most a "
@@ -749,12 +754,12 @@ class DhtSettings:
 
     def to_dht_config(self, base: DhtConfig | None = None) -> DhtConfig:
         """The engine's :class:`~sovereign_discovery.node.DhtConfig`: ``base`` (default
-        ``DhtConfig()``) with bucket_size = k, parallelism = alpha, record_ttl_s,
+        ``DhtConfig()``) with bucket_size = k, parallelism = alpha, bucket_bits, record_ttl_s,
         lookup_deadline_s = lookup_timeout_s and record_quorum."""
         if base is not None and not isinstance(base, DhtConfig):
             raise ArgumentTypeError(f"base must be a DhtConfig, not {type(base).__name__}")
         return replace(base or DhtConfig(), bucket_size=self.k, parallelism=self.alpha,
-                       record_ttl_s=self.record_ttl_s, lookup_deadline_s=self.lookup_timeout_s,
+                       bucket_bits=self.bucket_bits, record_ttl_s=self.record_ttl_s, lookup_deadline_s=self.lookup_timeout_s,
                        record_quorum=self.record_quorum)
 
     def dht_node_kwargs(self, base: DhtConfig | None = None) -> dict[str, object]:

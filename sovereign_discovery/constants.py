@@ -20,6 +20,8 @@ SEED_BYTES = 32
 DEFAULT_BUCKET_SIZE = 20
 #: Bucket sizes are stored as one byte per bucket in the kernel's layout.
 MAX_BUCKET_SIZE = 255
+#: Kademlia's b (paper §4.2): at most 4 bits per routing step (2^4 - 1 = 15 buckets per digit).
+MAX_BUCKET_BITS = 4
 #: Candidates kept per full bucket for when an entry fails (paper §4.1, "replacement cache").
 DEFAULT_REPLACEMENT_CACHE_SIZE = 10
 MAX_REPLACEMENT_CACHE_SIZE = 1024

@@ -65,7 +65,8 @@ from dataclasses import dataclass, fields, replace
 from functools import partial
 
 from .addresses import Address
-from .constants import DEFAULT_BUCKET_SIZE, DEFAULT_PARALLELISM, DEFAULT_RECORD_TTL_S, MAX_BUCKET_SIZE
+from .constants import (DEFAULT_BUCKET_SIZE, DEFAULT_PARALLELISM, DEFAULT_RECORD_TTL_S, MAX_BUCKET_BITS,
+                        MAX_BUCKET_SIZE)
 from .counters import Counters
 from .errors import ArgumentTypeError, ArgumentValueError, DecodeError
 from .events import (
@@ -209,6 +210,11 @@ class DhtConfig:
     bucket_size: int = DEFAULT_BUCKET_SIZE
     #: Kademlia's α (paper §2.3): lookup requests in flight.
     parallelism: int = DEFAULT_PARALLELISM
+    #: Kademlia's b (paper §4.2, "accelerated lookups"), 1..4: bits of the target gained per
+    #: routing step. With b > 1 each shared-prefix length has one bucket per value of the bits
+    #: after it up to the end of its b-bit digit (2^b - 1 buckets per digit): a larger table
+    #: (~1.45x at b = 2), fewer rounds (docs/routing-table.md). Local: the wire does not change.
+    bucket_bits: int = 1
     #: Lifetime of the own record (Unix seconds after signing).
     record_ttl_s: float = float(DEFAULT_RECORD_TTL_S)
     #: Overall deadline of one lookup.
@@ -268,7 +274,7 @@ class DhtConfig:
     max_address_voters: int = 64
 
     def __post_init__(self) -> None:
-        ints = {"bucket_size", "parallelism", "max_outstanding_requests", "max_lookups",
+        ints = {"bucket_size", "parallelism", "bucket_bits", "max_outstanding_requests", "max_lookups",
                 "max_rtt_entries", "max_rate_limited_ips", "max_replications_per_upkeep",
                 "evict_after_failures", "min_address_votes", "max_address_voters",
                 "join_refresh_buckets", "record_quorum"}
@@ -286,6 +292,8 @@ class DhtConfig:
                 raise ArgumentValueError(f"{name} must be positive and finite, not {value!r}")
         if self.bucket_size > MAX_BUCKET_SIZE:
             raise ArgumentValueError(f"bucket_size must be in 1..{MAX_BUCKET_SIZE}, not {self.bucket_size}")
+        if self.bucket_bits > MAX_BUCKET_BITS:
+            raise ArgumentValueError(f"bucket_bits must be in 1..{MAX_BUCKET_BITS}, not {self.bucket_bits}")
         if self.burst_per_ip < 1 or self.burst_global < 1:
             raise ArgumentValueError("burst_per_ip and burst_global must be >= 1 (one request)")
 
@@ -457,7 +465,7 @@ class DhtEngine:
                 raise ArgumentValueError("session_layer must be built for this identity")
             self._session = session_layer
         self._table = RoutingTable(self._id, bucket_size=config.bucket_size, now=now,
-                                   liveness_recent_s=config.liveness_recent_s)
+                                   liveness_recent_s=config.liveness_recent_s, bucket_bits=config.bucket_bits)
         self._store = RecordStore()
         params = LookupParams(bucket_size=config.bucket_size, parallelism=config.parallelism,
                               deadline_s=config.lookup_deadline_s)
@@ -1339,7 +1347,7 @@ class DhtEngine:
                 if budget <= 0:
                     continue
                 budget -= 1
-            refresh = self._new_query("refresh", table.random_id_in_bucket(prefix, self._rng))
+            refresh = self._new_query("refresh", table.random_id_with_prefix(prefix, self._rng))
             self._start_lookup(refresh, now)
             started.append(refresh.id)
         return started

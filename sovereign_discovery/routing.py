@@ -33,9 +33,11 @@ contact objects themselves (see docs/routing-table.md for the measured bytes per
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from array import array
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -44,6 +46,7 @@ from . import keys
 from .addresses import Address
 from .constants import (
     DEFAULT_BUCKET_SIZE,
+    MAX_BUCKET_BITS,
     DEFAULT_REPLACEMENT_CACHE_SIZE,
     MAX_BUCKET_SIZE,
     MAX_REPLACEMENT_CACHE_SIZE,
@@ -71,6 +74,31 @@ __all__ = [
 
 _ID = NODE_ID_BYTES
 _SEEN, _SEEN_BYTES = "f", 4  # the last-seen times: array typecode (32-bit float) and its size
+
+
+def _digit(prefix: int, bits: int) -> tuple[int, int]:
+    """(first bit, width) of the ``bits``-bit digit that holds bit ``prefix`` (the last digit of
+    an ID may be narrower)."""
+    level = prefix - prefix % bits
+    return level, min(bits, NODE_ID_BITS - level)
+
+
+def _sub_buckets(prefix: int, bits: int) -> int:
+    """Buckets of the contacts sharing exactly ``prefix`` bits with the local ID, with ``bits``
+    bits per routing step (Kademlia §4.2): one per value of the bits after bit ``prefix`` up to
+    the end of its digit."""
+    level, width = _digit(prefix, bits)
+    return 1 << (level + width - 1 - prefix)
+
+
+@functools.lru_cache(maxsize=None)
+def _first_buckets(bits: int) -> tuple[int, ...]:
+    """``[p]``: the index of the first bucket of prefix length ``p`` (all shorter prefixes have
+    all their buckets before it), for p in 0..160."""
+    firsts = [0]
+    for prefix in range(NODE_ID_BITS):
+        firsts.append(firsts[-1] + _sub_buckets(prefix, bits))
+    return tuple(firsts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,6 +292,9 @@ class RoutingTable:
         "_count",
         "_diversity",
         "_groups",
+        "_bits",
+        "_tail",
+        "_prefixes",
     )
 
     def __init__(
@@ -276,6 +307,7 @@ class RoutingTable:
         now: float = 0.0,
         kernel: ModuleType | None = None,
         liveness_recent_s: float = 0.0,
+        bucket_bits: int = 1,
     ) -> None:
         if not isinstance(local_id, bytes):
             raise ArgumentTypeError(f"local_id must be a NodeId, not {type(local_id).__name__}")
@@ -293,6 +325,15 @@ class RoutingTable:
         if isinstance(liveness_recent_s, bool) or not isinstance(liveness_recent_s, (int, float)) \
                 or not liveness_recent_s >= 0:
             raise ArgumentValueError(f"liveness_recent_s must be a number >= 0, not {liveness_recent_s!r}")
+        if isinstance(bucket_bits, bool) or not isinstance(bucket_bits, int) \
+                or not 1 <= bucket_bits <= MAX_BUCKET_BITS:
+            raise ArgumentValueError(f"bucket_bits must be an int in 1..{MAX_BUCKET_BITS}, not {bucket_bits!r}")
+        self._bits = bucket_bits
+        #: the last bucket holds every contact sharing at least this many bits with the local ID
+        self._tail = 0
+        #: each bucket's prefix length, for the kernel's closest (None with one bucket per prefix
+        #: length: bucket i is prefix i)
+        self._prefixes: bytearray | None = bytearray(1) if bucket_bits > 1 else None
         self._recent_s = float(liveness_recent_s)
         self._local = NodeId(local_id)
         self._k = bucket_size
@@ -326,6 +367,12 @@ class RoutingTable:
         return self._k
 
     @property
+    def bucket_bits(self) -> int:
+        """Bits per routing step (Kademlia §4.2): each shared-prefix length ``p`` has one bucket
+        per value of the bits after bit ``p`` up to the end of its ``bucket_bits``-bit digit."""
+        return self._bits
+
+    @property
     def bucket_count(self) -> int:
         """Buckets unfolded so far (the last one holds every deeper prefix)."""
         return len(self._sizes)
@@ -346,7 +393,27 @@ class RoutingTable:
         prefix = self._kernel.bucket_index(self._local, node_id)
         if prefix >= NODE_ID_BITS:
             raise ArgumentValueError("node_id is the local ID, which has no bucket")
-        return min(prefix, len(self._sizes) - 1)
+        return self._bucket_of(prefix, node_id)
+
+    def _bucket_of(self, prefix: int, node_id: bytes) -> int:
+        """The bucket of an ID sharing ``prefix`` (< 160) bits with the local ID."""
+        if prefix >= self._tail:
+            return len(self._sizes) - 1
+        return self._unfolded(prefix, node_id)
+
+    def _unfolded_of(self, node_id: bytes) -> int:
+        return self._unfolded(self._kernel.bucket_index(self._local, node_id), node_id)
+
+    def _unfolded(self, prefix: int, node_id: bytes) -> int:
+        """The bucket of an ID sharing ``prefix`` bits with the local ID in the table unfolded
+        down to that prefix: its prefix's first bucket, plus the bits after bit ``prefix`` up to
+        the end of the digit."""
+        if self._bits == 1:
+            return prefix
+        level, width = _digit(prefix, self._bits)
+        end = level + width
+        sub = (int.from_bytes(node_id, "big") >> (NODE_ID_BITS - end)) & ((1 << (end - 1 - prefix)) - 1)
+        return _first_buckets(self._bits)[prefix] + sub
 
     def bucket(self, index: int) -> list[Contact]:
         """The contacts of bucket ``index``, least recently seen first."""
@@ -392,9 +459,10 @@ class RoutingTable:
 
     def closest(self, target: bytes, count: int = DEFAULT_BUCKET_SIZE) -> list[Contact]:
         """The ``count`` contacts nearest ``target`` by XOR distance, nearest first. Exact."""
-        return self._kernel.closest_in_table(
-            self._slots, self._sizes, self._k, self._local, target, count
-        )
+        if self._prefixes is None:
+            return self._kernel.closest_in_table(self._slots, self._sizes, self._k, self._local, target, count)
+        return self._kernel.closest_in_table(self._slots, self._sizes, self._k, self._local, target, count,
+                                             self._prefixes)
 
     # --- changes --------------------------------------------------------------------------------
 
@@ -412,7 +480,7 @@ class RoutingTable:
             self._clear_check(bucket, node_id)
             self._activity[bucket] = now
             return Updated(contact)
-        while self._sizes[bucket] == self._k and bucket == len(self._sizes) - 1 and bucket < NODE_ID_BITS - 1:
+        while self._sizes[bucket] == self._k and bucket == len(self._sizes) - 1 and self._tail < NODE_ID_BITS - 1:
             self._split_last()
             bucket = self.bucket_index(node_id)
         refusal = self._diversity_refusal(contact, bucket)
@@ -459,27 +527,35 @@ class RoutingTable:
             per_prefix[prefix] += 1
         if per_prefix[NODE_ID_BITS]:
             raise ArgumentValueError("load() was given the local ID")
-        if max(per_prefix) > k:
-            raise ArgumentValueError(f"load() takes at most bucket_size ({k}) contacts per prefix length")
+        per_bucket = per_prefix if self._bits == 1 else list(Counter(
+            self._unfolded(prefix, c.node_id) for c, prefix in zip(contacts, prefixes)).values())
+        if max(per_bucket, default=0) > k:
+            raise ArgumentValueError(f"load() takes at most bucket_size ({k}) contacts per prefix length"
+                                     " (per bucket of it, with bucket_bits > 1)")
         if len({c.node_id for c in contacts}) != len(contacts):
             raise ArgumentValueError("load() was given a node ID twice")
-        # insert() splits the last bucket L only when it holds k contacts and one more of prefix
-        # >= L comes: the buckets are 0..L for the first L with at most k contacts of prefix >= L.
-        last, deeper = 0, len(contacts)
-        while deeper > k and last < NODE_ID_BITS - 1:
-            deeper -= per_prefix[last]
-            last += 1
-        by_bucket: list[list[Contact]] = [[] for _ in range(last + 1)]
+        # insert() splits the last bucket, of prefix P and deeper, only when it holds k contacts
+        # and one more of prefix >= P comes: P is the first with at most k contacts of prefix >= P.
+        tail, deeper = 0, len(contacts)
+        while deeper > k and tail < NODE_ID_BITS - 1:
+            deeper -= per_prefix[tail]
+            tail += 1
+        buckets = _first_buckets(self._bits)[tail] + 1
+        self._tail = tail
+        self._sizes = bytearray(buckets)
+        if self._prefixes is not None:
+            self._prefixes = bytearray(p for p in range(tail) for _ in range(_sub_buckets(p, self._bits)))
+            self._prefixes.append(tail)
+        by_bucket: list[list[Contact]] = [[] for _ in range(buckets)]
         for contact, prefix in zip(contacts, prefixes):
-            by_bucket[min(prefix, last)].append(contact)
-        self._slots = [None] * (k * (last + 1))
-        self._seen = array(_SEEN, bytes(_SEEN_BYTES * k * (last + 1)))
-        self._sizes = bytearray(last + 1)
+            by_bucket[self._bucket_of(prefix, contact.node_id)].append(contact)
+        self._slots = [None] * (k * buckets)
+        self._seen = array(_SEEN, bytes(_SEEN_BYTES * k * buckets))
         for bucket, members in enumerate(by_bucket):
             self._write_bucket(bucket, members, lambda contact: now)
-        self._activity = [now] * (last + 1) if contacts else self._activity
-        self._replacements = [None] * (last + 1)
-        self._checking = [None] * (last + 1)
+        self._activity = [now] * buckets if contacts else self._activity * buckets
+        self._replacements = [None] * buckets
+        self._checking = [None] * buckets
         self._count = len(contacts)
         return len(contacts)
 
@@ -530,14 +606,28 @@ class RoutingTable:
         return self._activity[index]
 
     def random_id_in_bucket(self, index: int, rng: random.Random) -> NodeId:
-        """A random ID that shares exactly ``index`` leading bits with the local ID: the target of
-        a refresh lookup for that bucket."""
-        if not 0 <= index < NODE_ID_BITS:
-            raise ArgumentValueError(f"index must be in 0..{NODE_ID_BITS - 1}, not {index}")
+        """A random ID that this table puts in bucket ``index``: the target of a refresh lookup
+        for that bucket (for the last bucket, one sharing exactly its prefix length)."""
+        self._check_bucket(index)
+        if index == len(self._sizes) - 1:
+            return self.random_id_with_prefix(self._tail, rng)
+        prefix = index if self._prefixes is None else self._prefixes[index]
+        value = self.random_id_with_prefix(prefix, rng).to_int()
+        if self._bits > 1:  # the bits after the prefix's up to the digit's end name the bucket
+            level, width = _digit(prefix, self._bits)
+            shift = NODE_ID_BITS - (level + width)
+            free = ((1 << (level + width - 1 - prefix)) - 1) << shift
+            value = (value & ~free) | ((index - _first_buckets(self._bits)[prefix]) << shift)
+        return NodeId.from_int(value)
+
+    def random_id_with_prefix(self, prefix: int, rng: random.Random) -> NodeId:
+        """A random ID that shares exactly ``prefix`` leading bits with the local ID."""
+        if isinstance(prefix, bool) or not isinstance(prefix, int) or not 0 <= prefix < NODE_ID_BITS:
+            raise ArgumentValueError(f"prefix must be in 0..{NODE_ID_BITS - 1}, not {prefix!r}")
         local = self._local.to_int()
-        flip = 1 << (NODE_ID_BITS - 1 - index)
-        low = rng.getrandbits(NODE_ID_BITS - 1 - index) if index < NODE_ID_BITS - 1 else 0
-        keep = local >> (NODE_ID_BITS - index) << (NODE_ID_BITS - index) if index else 0
+        flip = 1 << (NODE_ID_BITS - 1 - prefix)
+        low = rng.getrandbits(NODE_ID_BITS - 1 - prefix) if prefix < NODE_ID_BITS - 1 else 0
+        keep = local >> (NODE_ID_BITS - prefix) << (NODE_ID_BITS - prefix) if prefix else 0
         value = keep | ((local & flip) ^ flip) | low
         return NodeId.from_int(value)
 
@@ -570,11 +660,10 @@ class RoutingTable:
         if limits.max_per_bucket is not None:
             members = self.bucket(bucket)
             if bucket == len(self._sizes) - 1:
-                # The last bucket aggregates deeper prefixes: count the contact's own prefix
-                # only, as a table with one bucket per prefix would.
-                prefix = self._kernel.bucket_index(self._local, contact.node_id)
-                members = [c for c in members
-                           if self._kernel.bucket_index(self._local, c.node_id) == prefix]
+                # The last bucket aggregates deeper prefixes: count the contact's own bucket
+                # only, as a table unfolded all the way would.
+                own = self._unfolded_of(contact.node_id)
+                members = [c for c in members if self._unfolded_of(c.node_id) == own]
             same = sum(1 for c in members if limits.group(c) == group)
             if same >= limits.max_per_bucket:
                 return "diversity-bucket"
@@ -600,7 +689,7 @@ class RoutingTable:
         prefix = self._kernel.bucket_index(self._local, node_id)
         if prefix >= NODE_ID_BITS:
             return -1, -1
-        bucket = min(prefix, len(self._sizes) - 1)
+        bucket = self._bucket_of(prefix, node_id)
         first = bucket * self._k
         return bucket, self._kernel.find_in_bucket(self._slots, first, self._sizes[bucket], node_id)
 
@@ -681,37 +770,45 @@ class RoutingTable:
         return None
 
     def _split_last(self) -> None:
-        """Unfold: the last bucket ``L`` keeps prefix length exactly ``L``; a new last bucket takes
-        every deeper contact, in the same least-recently-seen order. The table's contents do not
-        change, so neither do its counts."""
-        last = len(self._sizes) - 1
-        k = self._k
-        deeper = self._deeper_than(last)
+        """Unfold: the last bucket, of prefix ``P`` and deeper, becomes the buckets of prefix
+        exactly ``P`` (one, or one per value of the next bits of the digit) and a new last bucket
+        of every deeper contact, each in the same least-recently-seen order. The table's contents
+        do not change, so neither do its counts."""
+        last, tail, k = len(self._sizes) - 1, self._tail, self._k
+        subs = _sub_buckets(tail, self._bits)
         first = last * k
         members = self._slots[first : first + self._sizes[last]]
         seen = dict(zip((c.node_id for c in members), self._seen[first : first + len(members)]))
         seen_of = lambda contact: seen[contact.node_id]  # noqa: E731
         # New exact-size arrays rather than extend(): growing in place over-allocates ~1/8 that
         # stays for the table's life (~1 KB per table at 10^6 nodes); a table splits ~log2(n) times.
-        self._slots = self._slots + [None] * k
-        self._seen = self._seen + array(_SEEN, bytes(_SEEN_BYTES * k))
-        self._sizes.append(0)
-        self._activity.append(self._activity[last])
-        self._replacements.append(None)
-        self._checking.append(None)
-        self._write_bucket(last, [c for c in members if not deeper(c)], seen_of)
-        self._write_bucket(last + 1, [c for c in members if deeper(c)], seen_of)
+        self._slots = self._slots + [None] * (k * subs)
+        self._seen = self._seen + array(_SEEN, bytes(_SEEN_BYTES * k * subs))
+        self._sizes.extend(bytes(subs))
+        self._activity.extend([self._activity[last]] * subs)
+        self._replacements.extend([None] * subs)
+        self._checking.extend([None] * subs)
+        if self._prefixes is not None:
+            self._prefixes[last:] = bytes([tail] * subs + [tail + 1])
+        self._tail = tail + 1
+        index, local = self._kernel.bucket_index, self._local
+        place = lambda contact: self._bucket_of(index(local, contact.node_id), contact.node_id)  # noqa: E731
+        parts: list[list[Contact]] = [[] for _ in range(subs + 1)]
+        for contact in members:
+            parts[place(contact) - last].append(contact)
+        for offset, part in enumerate(parts):
+            self._write_bucket(last + offset, part, seen_of)
         cache = self._replacements[last]
         if cache:
-            self._replacements[last] = [c for c in cache if not deeper(c)] or None
-            self._replacements[last + 1] = [c for c in cache if deeper(c)] or None
+            parts = [[] for _ in range(subs + 1)]
+            for contact in cache:
+                parts[place(contact) - last].append(contact)
+            for offset, part in enumerate(parts):
+                self._replacements[last + offset] = part or None
         checking = self._checking[last]
-        if checking is not None and deeper(checking):
-            self._checking[last], self._checking[last + 1] = None, checking
-
-    def _deeper_than(self, prefix: int):
-        local, index = self._local, self._kernel.bucket_index
-        return lambda contact: index(local, contact.node_id) > prefix
+        if checking is not None:
+            self._checking[last] = None
+            self._checking[place(checking)] = checking
 
     def _write_bucket(self, bucket: int, contacts: list[Contact],
                       seen_of: Callable[[Contact], float]) -> None:

@@ -24,6 +24,16 @@ def id_near(base: bytes, delta: int) -> bytes:
     return (int.from_bytes(base, "big") ^ (delta % (1 << 160))).to_bytes(20, "big")
 
 
+def model_bucket(local: bytes, node_id: bytes, bits: int) -> tuple[int, int]:
+    """The textbook table's bucket of ``node_id`` with ``bits`` bits per routing step (Kademlia
+    §4.2): (prefix length shared with ``local``, the bits after it up to the end of its digit)."""
+    prefix = next((i for i in range(160) if (local[i // 8] ^ node_id[i // 8]) >> (7 - i % 8) & 1), 160)
+    if prefix >= 160:
+        return prefix, 0
+    digit_end = min(prefix // bits * bits + bits, 160)
+    return prefix, (int.from_bytes(node_id, "big") >> (160 - digit_end)) % (1 << (digit_end - 1 - prefix))
+
+
 def brute_closest(entries, target: bytes, count: int) -> list:
     """The oracle: a full scan sorted by XOR distance."""
     goal = int.from_bytes(target, "big")

@@ -26,7 +26,7 @@ from sovereign_discovery import (
     Updated,
 )
 
-from .helpers import Peer, brute_closest, id_near
+from .helpers import Peer, brute_closest, id_near, model_bucket
 
 LOCAL = NodeId(bytes(20))
 
@@ -218,9 +218,15 @@ def test_refresh_bookkeeping(kernel):
     t.mark_bucket_active(0, 200)
     assert t.last_activity(0) == 200
     rng = random.Random(3)
-    for index in (0, 1, 17, 100, 158, 159):
-        target = t.random_id_in_bucket(index, rng)
-        assert kernel.bucket_index(LOCAL, target) == index
+    for prefix in (0, 1, 17, 100, 158, 159):
+        target = t.random_id_with_prefix(prefix, rng)
+        assert kernel.bucket_index(LOCAL, target) == prefix
+    for bad in (-1, 160, True):
+        with pytest.raises(ArgumentValueError):
+            t.random_id_with_prefix(bad, rng)
+    assert kernel.bucket_index(LOCAL, t.random_id_in_bucket(0, rng)) == 0  # the only bucket
+    with pytest.raises(ArgumentValueError):
+        t.random_id_in_bucket(1, rng)
 
 
 @settings(max_examples=40, deadline=None)
@@ -289,26 +295,28 @@ def _state(t: RoutingTable) -> tuple:
 
 
 @settings(max_examples=60, deadline=None)
-@given(seed=st.integers(0, 2**32), k=st.integers(1, 5),
+@given(seed=st.integers(0, 2**32), k=st.integers(1, 5), bits=st.integers(1, 3),
        prefixes=st.lists(st.integers(0, 159), max_size=80))
-def test_load_builds_the_table_inserts_would_build(kernel, seed, k, prefixes):
+def test_load_builds_the_table_inserts_would_build(kernel, seed, k, bits, prefixes):
     """One pass (a simulator's global view) equals inserting one by one in the same order, for
-    any contacts with at most k per prefix length: the same buckets, order, times and answers."""
+    any contacts with at most k per bucket of the unfolded table (per prefix length with b = 1):
+    the same buckets, order, times and answers."""
     rng = random.Random(seed)
     local = NodeId(bytes(rng.getrandbits(8) for _ in range(20)))
-    contacts, seen, per_prefix = [], set(), {}
+    contacts, seen, per_bucket = [], set(), {}
     for prefix in prefixes:  # an ID sharing exactly `prefix` leading bits with local
         value = local.to_int() ^ (1 << (159 - prefix)) ^ (rng.getrandbits(159 - prefix) if prefix < 159 else 0)
         node_id = NodeId.from_int(value)
-        if node_id in seen or per_prefix.get(prefix, 0) == k:
+        bucket = model_bucket(local, node_id, bits)
+        if node_id in seen or per_bucket.get(bucket, 0) == k:
             continue
         seen.add(node_id)
-        per_prefix[prefix] = per_prefix.get(prefix, 0) + 1
+        per_bucket[bucket] = per_bucket.get(bucket, 0) + 1
         contacts.append(Peer(node_id))
-    inserted = RoutingTable(local, bucket_size=k, kernel=kernel, now=1.0)
+    inserted = RoutingTable(local, bucket_size=k, kernel=kernel, now=1.0, bucket_bits=bits)
     for contact in contacts:
         assert isinstance(inserted.insert(contact, 7.0), Inserted)
-    loaded = RoutingTable(local, bucket_size=k, kernel=kernel, now=1.0)
+    loaded = RoutingTable(local, bucket_size=k, kernel=kernel, now=1.0, bucket_bits=bits)
     assert loaded.load(contacts, 7.0) == len(contacts)
     assert _state(loaded) == _state(inserted)
     target = bytes(rng.getrandbits(8) for _ in range(20))
@@ -317,6 +325,47 @@ def test_load_builds_the_table_inserts_would_build(kernel, seed, k, prefixes):
     if newcomer.node_id != local and newcomer.node_id not in seen:  # and they go on alike
         assert type(loaded.insert(newcomer, 9.0)) is type(inserted.insert(newcomer, 9.0))
         assert _state(loaded) == _state(inserted)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3])
+def test_a_refresh_target_lands_in_the_bucket_it_refreshes(kernel, bits):
+    rng = random.Random(bits)
+    t = RoutingTable(LOCAL, bucket_size=2, kernel=kernel, bucket_bits=bits)
+    for _ in range(300):
+        t.insert(Peer(id_near(LOCAL, rng.getrandbits(rng.choice((8, 40, 159))))), 1.0)
+    assert t.bucket_count > 10
+    for index in range(t.bucket_count):
+        for _ in range(3):
+            assert t.bucket_index(t.random_id_in_bucket(index, rng)) == index
+    with pytest.raises(ArgumentValueError):
+        t.random_id_in_bucket(t.bucket_count, rng)
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_more_bits_per_step_split_each_prefix_by_the_bits_after_it(kernel, bits):
+    """b = 2: a prefix length that starts a 2-bit digit has two buckets (by the next bit), the
+    other one; b = 3: four, two, one. Each holds k of its own, so the table holds more."""
+    t = RoutingTable(LOCAL, bucket_size=2, kernel=kernel, bucket_bits=bits)
+    rng = random.Random(5)
+    for _ in range(400):
+        t.insert(Peer(NodeId(rng.randbytes(20))), 1.0)  # mostly shallow prefixes
+    assert t.bucket_bits == bits
+    by_prefix: dict[int, set] = {}
+    for index in range(t.bucket_count - 1):
+        for contact in t.bucket(index):
+            prefix, sub = model_bucket(LOCAL, contact.node_id, bits)
+            by_prefix.setdefault(prefix, set()).add((sub, index))
+    for prefix in range(4):
+        subs = {sub for sub, _ in by_prefix[prefix]}
+        assert len(subs) == 1 << (bits - 1 - prefix % bits)  # every sub-bucket met at 400 contacts
+        assert len({index for _, index in by_prefix[prefix]}) == len(subs)
+    one_bit = RoutingTable(LOCAL, bucket_size=2, kernel=kernel)
+    for contact in t:
+        one_bit.insert(contact, 1.0)
+    assert len(t) > len(one_bit)
+    for bad in (0, 5, True, 1.0):
+        with pytest.raises(ArgumentValueError, match="bucket_bits"):
+            RoutingTable(LOCAL, bucket_bits=bad)
 
 
 def test_load_refuses_what_inserts_would_not_do_alike(kernel):

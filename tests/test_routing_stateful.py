@@ -1,9 +1,11 @@
 """Rule-based test of RoutingTable against a model with one bucket per prefix length.
 
 The model is the textbook table (Kademlia paper §2.2, §4.1): 160 buckets, least-recently-seen
-order, a replacement cache, one liveness check at a time per full bucket. The real table unfolds
-buckets on demand; this test holds it to the model's contents, order and results after every
-step, and to a full-scan oracle for closest-n. Both kernels are tested.
+order, a replacement cache, one liveness check at a time per full bucket. With b bits per routing
+step (§4.2, ``bucket_bits``) a prefix length ``p`` has one bucket per value of the bits after bit
+``p`` up to the end of its b-bit digit. The real table unfolds buckets on demand; this test holds
+it to the model's contents, order and results after every step, and to a full-scan oracle for
+closest-n. Both kernels are tested, with b = 1, 2 and 3.
 """
 
 from __future__ import annotations
@@ -19,21 +21,22 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from sovereign_discovery import keys
 from sovereign_discovery.routing import Full, Inserted, Pending, Rejected, Removed, RoutingTable, Updated
 
-from .helpers import Peer, brute_closest, id_near
+from .helpers import Peer, brute_closest, id_near, model_bucket
 
 K = 3
 CACHE = 2
 
 
 class Model:
-    def __init__(self, local: bytes) -> None:
+    def __init__(self, local: bytes, bits: int = 1) -> None:
         self.local = local
-        self.buckets: dict[int, list[Peer]] = defaultdict(list)
-        self.cache: dict[int, list[Peer]] = defaultdict(list)
-        self.checking: dict[int, Peer] = {}
+        self.bits = bits
+        self.buckets: dict[tuple[int, int], list[Peer]] = defaultdict(list)
+        self.cache: dict[tuple[int, int], list[Peer]] = defaultdict(list)
+        self.checking: dict[tuple[int, int], Peer] = {}
 
-    def _cpl(self, node_id: bytes) -> int:
-        return keys.kernel_module("python").bucket_index(self.local, node_id)
+    def _cpl(self, node_id: bytes) -> tuple[int, int]:
+        return model_bucket(self.local, node_id, self.bits)
 
     def _index(self, bucket: list[Peer], node_id: bytes) -> int:
         return next((i for i, p in enumerate(bucket) if p.node_id == node_id), -1)
@@ -98,7 +101,7 @@ class Model:
             bucket.append(promoted)
         return (gone.node_id, promoted.node_id if promoted else None)
 
-    def contents(self) -> dict[int, list[bytes]]:
+    def contents(self) -> dict[tuple[int, int], list[bytes]]:
         return {b: [p.node_id for p in bucket] for b, bucket in self.buckets.items() if bucket}
 
 
@@ -114,7 +117,7 @@ def _describe(result) -> tuple:
     raise AssertionError(f"unexpected result {result!r}")
 
 
-def make_machine(kernel_name: str):
+def make_machine(kernel_name: str, bits: int = 1):
     class TableMachine(RuleBasedStateMachine):
         @initialize(seed=st.integers(0, 2**32 - 1))
         def setup(self, seed: int) -> None:
@@ -130,8 +133,8 @@ def make_machine(kernel_name: str):
             self.rng = rng
             self.now = 0.0
             self.table = RoutingTable(self.local, bucket_size=K, replacement_cache_size=CACHE,
-                                      kernel=keys.kernel_module(kernel_name))
-            self.model = Model(self.local)
+                                      kernel=keys.kernel_module(kernel_name), bucket_bits=bits)
+            self.model = Model(self.local, bits)
 
         @rule(i=st.integers(0, 40))
         def insert(self, i: int) -> None:
@@ -168,29 +171,39 @@ def make_machine(kernel_name: str):
         @invariant()
         def matches_model(self) -> None:
             table = self.table
-            got: dict[int, list[bytes]] = defaultdict(list)
+            got: dict[tuple[int, int], list[bytes]] = defaultdict(list)
             for peer in table:
-                got[table._kernel.bucket_index(self.local, peer.node_id)].append(peer.node_id)
+                got[model_bucket(self.local, peer.node_id, bits)].append(peer.node_id)
             assert dict(got) == self.model.contents()
             assert len(table) == sum(len(v) for v in got.values())
 
         @invariant()
         def buckets_are_well_formed(self) -> None:
+            # Buckets in the order of the model's (prefix, bits after it) below the last, which
+            # holds every deeper contact; each member is found where it is.
             table = self.table
             last = table.bucket_count - 1
+            placed: list[tuple[int, int]] = []
             for index in range(table.bucket_count):
                 members = table.bucket(index)
                 assert len(members) <= K
+                keys_here = {model_bucket(self.local, peer.node_id, bits) for peer in members}
+                if index < last:
+                    assert len(keys_here) <= 1
+                    placed.extend(keys_here)
+                else:
+                    assert all(key > other for key in keys_here for other in placed)
                 for peer in members:
-                    prefix = table._kernel.bucket_index(self.local, peer.node_id)
-                    assert min(prefix, last) == index
-                    assert table.get(peer.node_id) is peer
+                    assert table.get(peer.node_id) is peer and table.bucket_index(peer.node_id) == index
+            assert placed == sorted(placed)
 
     TableMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=60, deadline=None)
     return TableMachine
 
 
 TestTablePython = make_machine("python").TestCase
+TestTablePythonTwoBits = make_machine("python", 2).TestCase
+TestTablePythonThreeBits = make_machine("python", 3).TestCase
 
 
 def _c_available() -> bool:
@@ -204,3 +217,4 @@ def _c_available() -> bool:
 
 
 TestTableC = pytest.mark.skipif(not _c_available(), reason="C kernel not built")(make_machine("c").TestCase)
+TestTableCTwoBits = pytest.mark.skipif(not _c_available(), reason="C kernel not built")(make_machine("c", 2).TestCase)
