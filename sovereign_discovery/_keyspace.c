@@ -407,11 +407,12 @@ key_at(ks_state *st, PyObject *keys, Py_ssize_t index)
 
 /* --- positional / keyword arguments ----------------------------------------------------------- */
 
-/* Collect the nparams arguments (all required, positional or by keyword) into out[]; the Python
- * functions accept keywords too. The common all-positional call is handled inline by callers. */
+/* Collect the nparams arguments (positional or by keyword) into out[]; the first nrequired are
+ * required, a missing optional one is NULL. The Python functions accept keywords too. The common
+ * all-positional call is handled inline by callers. */
 static int
-unpack_args(const char *fname, const char *const *names, Py_ssize_t nparams, PyObject *const *args,
-            Py_ssize_t nargs, PyObject *kwnames, PyObject **out)
+unpack_args(const char *fname, const char *const *names, Py_ssize_t nrequired, Py_ssize_t nparams,
+            PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, PyObject **out)
 {
     Py_ssize_t i, j, nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
     if (nargs > nparams) {
@@ -439,7 +440,7 @@ unpack_args(const char *fname, const char *const *names, Py_ssize_t nparams, PyO
         }
         out[i] = args[nargs + j];
     }
-    for (i = 0; i < nparams; i++) {
+    for (i = 0; i < nrequired; i++) {
         if (out[i] == NULL) {
             PyErr_Format(PyExc_TypeError, "%s() missing required argument '%s'", fname,
                          names[i]);
@@ -449,13 +450,14 @@ unpack_args(const char *fname, const char *const *names, Py_ssize_t nparams, PyO
     return 0;
 }
 
-#define UNPACK(fname, names, n, out)                                                          \
+/* The first nreq of the n parameters are required; out[i] is NULL for an optional one left out. */
+#define UNPACK(fname, names, nreq, n, out)                                                    \
     do {                                                                                      \
-        if (kwnames == NULL && nargs == (n)) {                                                \
+        if (kwnames == NULL && nargs >= (nreq) && nargs <= (n)) {                             \
             for (Py_ssize_t i_ = 0; i_ < (n); i_++)                                           \
-                (out)[i_] = args[i_];                                                         \
+                (out)[i_] = i_ < nargs ? args[i_] : NULL;                                     \
         }                                                                                     \
-        else if (unpack_args((fname), (names), (n), args, nargs, kwnames, (out)) < 0) {       \
+        else if (unpack_args((fname), (names), (nreq), (n), args, nargs, kwnames, (out)) < 0) { \
             return NULL;                                                                      \
         }                                                                                     \
     } while (0)
@@ -477,7 +479,7 @@ ks_bucket_index(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObj
     ks_state *st = get_state(module);
     PyObject *a[2];
     const unsigned char *local_id, *node_id;
-    UNPACK("bucket_index", names, 2, a);
+    UNPACK("bucket_index", names, 2, 2, a);
     if (!(local_id = check_id(st, a[0], "local_id")))
         return NULL;
     if (!(node_id = check_id(st, a[1], "node_id")))
@@ -501,7 +503,7 @@ ks_find_in_bucket(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyO
     const unsigned char *node_id;
     Py_ssize_t first, count, slots;
     int first_sign, count_sign;
-    UNPACK("find_in_bucket", names, 4, a);
+    UNPACK("find_in_bucket", names, 4, 4, a);
     if (check_list(st, a[0], "contacts") < 0)
         return NULL;
     contacts = a[0];
@@ -536,7 +538,7 @@ ks_find_in_bucket(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyO
 
 /* --- closest_in_table ------------------------------------------------------------------------ */
 
-/* Append to chosen[0..k) the slots of the k nearest occupied slots of buckets lo..hi, ranked by
+/* Append to chosen[0..k) the slots of the k nearest occupied slots of buckets [lo, hi), ranked by
  * (distance, slot); k <= `occupied`, the number of occupied slots there. Reads (and checks) every
  * occupied slot's node_id there, in slot order, as the spec does. */
 static int
@@ -552,7 +554,7 @@ take_nearest(ks_state *st, Py_ssize_t *chosen, PyObject *contacts, const unsigne
         PyErr_NoMemory();
         return -1;
     }
-    for (Py_ssize_t b = lo; b <= hi; b++) {
+    for (Py_ssize_t b = lo; b < hi; b++) {
         for (Py_ssize_t slot = b * bucket_size, end = slot + sizes[b]; slot < end; slot++) {
             PyObject *id = node_id_at(st, &reader, contacts, slot);
             dkey d;
@@ -578,30 +580,72 @@ done:
 }
 
 PyDoc_STRVAR(closest_in_table_doc,
-             "closest_in_table(contacts, sizes, bucket_size, local_id, target, count)\n--\n\n"
+             "closest_in_table(contacts, sizes, bucket_size, local_id, target, count, "
+             "prefixes=None)\n--\n\n"
              "The count occupied slots' objects closest to target by XOR, nearest first.\n\n"
-             "Slot s's ID is contacts[s].node_id. With j = min(common_prefix(local_id, target),\n"
-             "L), L the last bucket, the buckets are ranked in groups: [j], then [j+1 .. L]\n"
-             "together if j < L, then [j-1], [j-2], ... [0]; within a group by (distance, slot),\n"
-             "until count are chosen. For a routing table's layout that is the full scan sorted\n"
-             "by distance.");
+             "Slot s's ID is contacts[s].node_id. Bucket i has prefix length p(i) = prefixes[i]\n"
+             "(bytes: non-decreasing, below 160, the last greater than every other), or i when\n"
+             "prefixes is None. With P = p(last) and j = min(common_prefix(local_id, target),\n"
+             "P), the buckets are ranked in groups: those of prefix j, then all of prefix > j\n"
+             "together, then those of prefix j-1, j-2, ... 0; within a group by (distance,\n"
+             "slot), until count are chosen. For a routing table's layout (buckets of several\n"
+             "prefix lengths: exactly p(i) bits shared with local_id, the last at least P) that\n"
+             "is the full scan sorted by distance.");
+
+/* _check_prefixes, in one pass over prefixes[0..n): each below ID_BITS and not below the one
+ * before, the last greater than the one before it. Also counts *near, the buckets of prefix < j,
+ * and *far, those of prefix <= j: as prefixes are sorted, the buckets of prefix j are
+ * [*near, *far) and those of prefix > j are [*far, n). */
+static int
+check_prefixes(ks_state *st, const unsigned char *prefixes, Py_ssize_t n, Py_ssize_t j,
+               Py_ssize_t *near, Py_ssize_t *far)
+{
+    Py_ssize_t below = 0, upto = 0;
+    for (Py_ssize_t b = 0; b < n; b++) {
+        int prefix = prefixes[b];
+        if (prefix >= ID_BITS) {
+            PyErr_Format(st->value_error, "prefixes[%zd] is %d, not below %d", b, prefix,
+                         ID_BITS);
+            return -1;
+        }
+        if (b > 0 && prefix < prefixes[b - 1]) {
+            PyErr_Format(st->value_error,
+                         "prefixes must be non-decreasing: prefixes[%zd] is %d after %d", b,
+                         prefix, (int)prefixes[b - 1]);
+            return -1;
+        }
+        below += prefix < j;
+        upto += prefix <= j;
+    }
+    if (n > 1 && prefixes[n - 1] == prefixes[n - 2]) {
+        PyErr_Format(st->value_error,
+                     "the last bucket's prefix must be greater than every other's: "
+                     "prefixes[%zd] is %d, as is prefixes[%zd]",
+                     n - 1, (int)prefixes[n - 1], n - 2);
+        return -1;
+    }
+    *near = below;
+    *far = upto;
+    return 0;
+}
 
 static PyObject *
 ks_closest_in_table(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    static const char *const names[] = {"contacts", "sizes",  "bucket_size",
-                                        "local_id", "target", "count"};
+    static const char *const names[] = {"contacts", "sizes",  "bucket_size", "local_id",
+                                        "target",   "count",  "prefixes"};
     ks_state *st = get_state(module);
-    PyObject *a[6], *contacts, *result = NULL;
-    const unsigned char *sizes_arg, *local_id, *target;
-    unsigned char sizes_stack[256], *sizes = sizes_stack;
+    PyObject *a[7], *contacts, *result = NULL;
+    const unsigned char *sizes_arg, *prefixes_arg = NULL, *local_id, *target;
+    /* our copies of sizes and, after them, prefixes */
+    unsigned char copy_stack[512], *sizes = copy_stack, *prefixes = NULL;
     Py_ssize_t chosen_stack[SMALL], *chosen = chosen_stack;
-    Py_ssize_t nbuckets, bucket_size, count, total, b, last, j, lo, hi, down;
+    Py_ssize_t nbuckets, nprefixes, bucket_size, count, total, b, j, near, far, lo, hi, copied;
     Py_ssize_t filled = 0;
-    int sign;
+    int sign, stage;
     dkey t;
 
-    UNPACK("closest_in_table", names, 6, a);
+    UNPACK("closest_in_table", names, 6, 7, a);
     /* _check_table */
     if (check_list(st, a[0], "contacts") < 0)
         return NULL;
@@ -646,52 +690,86 @@ ks_closest_in_table(PyObject *module, PyObject *const *args, Py_ssize_t nargs, P
         }
         total += sizes_arg[b];
     }
+    /* The first group is the buckets of prefix j, [near, far); then those of prefix > j,
+     * [far, nbuckets). Without prefixes bucket b has prefix b. */
+    j = common_prefix_bits(local_id, target);
+    if (a[6] == NULL || a[6] == Py_None) {
+        if (j > nbuckets - 1)
+            j = nbuckets - 1;
+        near = j;
+        far = j + 1;
+    }
+    else {
+        /* _check_prefixes */
+        if (check_buffer(st, a[6], "prefixes", &prefixes_arg, &nprefixes) < 0)
+            return NULL;
+        if (nprefixes != nbuckets) {
+            PyErr_Format(st->value_error, "prefixes has %zd entries but sizes has %zd",
+                         nprefixes, nbuckets);
+            return NULL;
+        }
+        if (nbuckets > 0 && j > prefixes_arg[nbuckets - 1])
+            j = prefixes_arg[nbuckets - 1];
+        if (check_prefixes(st, prefixes_arg, nbuckets, j, &near, &far) < 0)
+            return NULL;
+    }
     if (count > total)
         count = total;
     if (count == 0)
         return new_list(0);
-    /* Our own copy of sizes: a node_id getter could resize the bytearray (see the top). */
-    if (nbuckets > (Py_ssize_t)sizeof(sizes_stack) &&
-        !(sizes = (unsigned char *)PyMem_Malloc((size_t)nbuckets))) {
+    /* Our own copies: a node_id getter could resize the bytearrays (see the top). */
+    copied = prefixes_arg ? 2 * nbuckets : nbuckets;
+    if (copied > (Py_ssize_t)sizeof(copy_stack) &&
+        !(sizes = (unsigned char *)PyMem_Malloc((size_t)copied))) {
         PyErr_NoMemory();
         return NULL;
     }
     memcpy(sizes, sizes_arg, (size_t)nbuckets);
+    if (prefixes_arg) {
+        prefixes = sizes + nbuckets;
+        memcpy(prefixes, prefixes_arg, (size_t)nbuckets);
+    }
     if (count > SMALL &&
         !(chosen = (Py_ssize_t *)PyMem_Malloc((size_t)count * sizeof(Py_ssize_t)))) {
         PyErr_NoMemory();
         goto done;
     }
 
-    /* The groups: [j], then [j+1 .. last] if j < last, then [j-1], [j-2], ... [0]. */
-    last = nbuckets - 1;
-    j = common_prefix_bits(local_id, target);
-    if (j > last)
-        j = last;
+    /* The groups: [near, far) (prefix j), [far, nbuckets) (prefix > j), then below near one
+     * group per prefix length, deepest first (without prefixes: one bucket each). */
     t.hi = load_be64(target);
     t.mid = load_be64(target + 8);
     t.lo = load_be32(target + 16);
-    lo = hi = j;
-    down = j - 1;
+    lo = near;
+    hi = far;
+    stage = 0;
     while (filled < count) {
         Py_ssize_t occupied = 0, k;
-        for (b = lo; b <= hi; b++)
+        for (b = lo; b < hi; b++)
             occupied += sizes[b];
         k = count - filled < occupied ? count - filled : occupied;
         if (k > 0 && take_nearest(st, chosen + filled, contacts, sizes, bucket_size, lo, hi, &t,
                                   k, occupied) < 0)
             goto done;
         filled += k;
-        if (hi == j && j < last) /* after [j]: the buckets beyond it */
-            lo = j + 1, hi = last;
-        else if (down >= 0)
-            lo = hi = down--;
+        if (stage == 0) { /* after prefix j: all of prefix > j */
+            lo = far, hi = nbuckets;
+            stage = 1;
+        }
+        else if (near > 0) { /* the run of buckets of the prefix just below */
+            hi = near;
+            lo = hi - 1;
+            if (prefixes)
+                while (lo > 0 && prefixes[lo - 1] == prefixes[hi - 1])
+                    lo--;
+            near = lo;
+        }
         else
             break;
     }
     result = list_of_slots(contacts, chosen, filled);
 done:
-    if (sizes != sizes_stack)
+    if (sizes != copy_stack)
         PyMem_Free(sizes);
     if (chosen != chosen_stack)
         PyMem_Free(chosen);
@@ -719,7 +797,7 @@ ks_closest_in_sorted(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
     Py_ssize_t chosen_stack[SMALL], *chosen = chosen_stack;
     dkey dist_stack[SMALL], *dist = dist_stack, t;
 
-    UNPACK("closest_in_sorted", names, 4, a);
+    UNPACK("closest_in_sorted", names, 4, 4, a);
     if (check_list(st, a[0], "keys") < 0)
         return NULL;
     if (check_list(st, a[1], "values") < 0)

@@ -15,6 +15,8 @@ disagree or crash, only raise ``IndexError`` when it shrank the list.
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
+
 from .errors import ArgumentTypeError, ArgumentValueError
 
 ID_BYTES = 20
@@ -73,6 +75,29 @@ def _check_capacity(contacts: list, sizes: bytes, bucket_size: int) -> None:
     for size in sizes:
         if size > bucket_size:
             raise ArgumentValueError(f"sizes has a bucket of {size} > bucket_size {bucket_size}")
+
+
+def _check_prefixes(prefixes: object, nbuckets: int) -> bytes:
+    """A copy of ``prefixes``: one prefix length per bucket, each below ID_BITS, non-decreasing,
+    the last greater than every other (it holds all deeper prefixes). Checked in one pass."""
+    _check_buffer(prefixes, "prefixes")
+    prefixes = bytes(prefixes)  # type: ignore[arg-type]  # read once, like sizes
+    if len(prefixes) != nbuckets:
+        raise ArgumentValueError(f"prefixes has {len(prefixes)} entries but sizes has {nbuckets}")
+    for bucket, prefix in enumerate(prefixes):
+        if prefix >= ID_BITS:
+            raise ArgumentValueError(f"prefixes[{bucket}] is {prefix}, not below {ID_BITS}")
+        if bucket and prefix < prefixes[bucket - 1]:
+            raise ArgumentValueError(
+                f"prefixes must be non-decreasing: prefixes[{bucket}] is {prefix}"
+                f" after {prefixes[bucket - 1]}"
+            )
+    if nbuckets > 1 and prefixes[-1] == prefixes[-2]:
+        raise ArgumentValueError(
+            f"the last bucket's prefix must be greater than every other's: prefixes[{nbuckets - 1}]"
+            f" is {prefixes[-1]}, as is prefixes[{nbuckets - 2}]"
+        )
+    return prefixes
 
 
 def _node_id_at(contacts: list, slot: int) -> bytes:
@@ -148,26 +173,41 @@ def closest_in_table(
     local_id: bytes,
     target: bytes,
     count: int,
+    prefixes: bytes | None = None,
 ) -> list:
     """The ``count`` occupied slots' objects closest to ``target`` by XOR, nearest first.
 
-    The layout is a routing table's: bucket ``b`` below the last holds IDs sharing exactly ``b``
-    leading bits with ``local_id``, and the last bucket ``L`` those sharing at least ``L``. Then,
-    with ``j = min(common_prefix(local_id, target), L)``, the buckets fall into groups that are
-    strictly ordered by distance from ``target`` (every member of a group is nearer than every
+    The layout is a routing table's. Bucket ``i`` has a prefix length ``p(i)``: ``prefixes[i]``,
+    or ``i`` when ``prefixes`` is None (one bucket per prefix length, as ``routing.py`` keeps
+    them). Bucket ``i`` below the last holds IDs sharing exactly ``p(i)`` leading bits with
+    ``local_id``, and the last bucket those sharing at least ``P = p(last)``. With ``prefixes``
+    several consecutive buckets may share one prefix length (the sub-buckets of Kademlia's
+    accelerated lookups, §4.2, keyed by the next bits), so ``prefixes`` must be non-decreasing,
+    below 160, one per bucket, and the last greater than every other (it holds everything
+    deeper); anything else is an ``ArgumentValueError``.
+
+    Then, with ``j = min(common_prefix(local_id, target), P)``, the buckets fall into groups that
+    are strictly ordered by distance from ``target`` (every member of a group is nearer than every
     member of the next):
 
-    - if ``j < L``: bucket ``j`` (it agrees with the target up to bit ``j``), then buckets
-      ``j + 1 .. L`` together (they differ from the target first at bit ``j``), then bucket
-      ``j - 1``, ``j - 2`` … ``0`` (they differ first at bit ``b``, farther as ``b`` falls);
-    - if ``j == L``: bucket ``L``, then ``L - 1`` … ``0``.
+    - if ``j < P``: the buckets of prefix ``j`` (they agree with the target up to bit ``j``), then
+      every bucket of prefix ``> j`` together, the last included (they differ from the target
+      first at bit ``j``), then the buckets of prefix ``j - 1``, ``j - 2`` … ``0`` (they differ
+      first at bit ``p``, farther as ``p`` falls); a prefix length with no bucket is no group;
+    - if ``j == P``: the last bucket, then prefix ``P - 1``'s buckets, … ``0``'s.
+
+    A group is all the buckets of one prefix length, not one bucket: every ID of prefix ``p < j``
+    agrees with the target on the same ``p`` leading bits and differs from it at bit ``p``, so its
+    distance lies in ``[2^(159-p), 2^(160-p))`` whichever sub-bucket holds it, and the groups stay
+    strictly ordered; but the sub-buckets are keyed by bits past ``p``, where the target's bits
+    are arbitrary, so they are not ordered among themselves and are ranked together.
 
     So only the groups that the answer reaches are ranked: for a full table and ``count`` no larger
     than the bucket size, usually one bucket. Within a group, slots are ranked by (distance, slot);
     only the contacts of ranked groups are read (and checked), in slot order, and the chosen ones
     are taken from ``contacts`` at the end. For a well-formed layout the result equals a full scan
     sorted by distance (the tests' oracle); for any other layout it is still what this procedure
-    gives, in both kernels.
+    gives, in both kernels. ``prefixes`` is checked after the other arguments.
     """
     _check_table(contacts, sizes, bucket_size)
     _check_id(local_id, "local_id")
@@ -176,11 +216,20 @@ def closest_in_table(
     _check_capacity(contacts, sizes, bucket_size)  # type: ignore[arg-type]
     sizes = bytes(sizes)  # read once: a node_id property could change a bytearray
     last = len(sizes) - 1
+    if prefixes is None:
+        prefix_of: bytes | range = range(last + 1)
+    else:
+        prefix_of = _check_prefixes(prefixes, last + 1)
     if last < 0:
         return []
-    j = min(_common_prefix_bits(local_id, target), last)
-    groups = [[j]] + ([list(range(j + 1, last + 1))] if j < last else [])
-    groups += [[b] for b in range(j - 1, -1, -1)]
+    j = min(_common_prefix_bits(local_id, target), prefix_of[last])
+    # prefixes are sorted, so the buckets of one prefix length are a range of indices
+    near, far = bisect_left(prefix_of, j), bisect_right(prefix_of, j)
+    groups = [range(near, far), range(far, last + 1)]
+    while near > 0:  # then one group per prefix length below j, deepest first
+        start = bisect_left(prefix_of, prefix_of[near - 1], 0, near)
+        groups.append(range(start, near))
+        near = start
     goal = int.from_bytes(target, "big")
     chosen: list[int] = []
     for group in groups:

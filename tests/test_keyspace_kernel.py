@@ -126,7 +126,10 @@ class Table:
     """A layout as ``closest_in_table`` reads it, with the IDs of the occupied slots as ints.
 
     ``make_id(bucket)`` gives the ID for each occupied slot of ``bucket``; with ``repeats``, some
-    slots instead repeat an ID already in the same bucket (ties then break by slot)."""
+    slots instead repeat an ID already in the same bucket (ties then break by slot). ``prefixes``
+    (each bucket's prefix length, the 7th argument) is None unless set afterwards."""
+
+    prefixes: bytes | bytearray | None = None
 
     def __init__(self, rng, bucket_size, sizes, local, make_id, repeats=False):
         self.bucket_size = bucket_size
@@ -156,7 +159,11 @@ class Table:
         self.sizes = bytes(sizes) if rng.random() < 0.5 else bytearray(sizes)
 
     def args(self, target: bytes, count: int) -> tuple:
-        return self.contacts, self.sizes, self.bucket_size, self.local_id, target, count
+        args = self.contacts, self.sizes, self.bucket_size, self.local_id, target, count
+        return args if self.prefixes is None else (*args, self.prefixes)
+
+    def prefix_of(self, bucket: int) -> int:
+        return bucket if self.prefixes is None else self.prefixes[bucket]
 
     def _ranked(self, slots, target: bytes) -> list[int]:
         goal = as_int(target)
@@ -167,14 +174,20 @@ class Table:
         return [self.contacts[slot] for slot in self._ranked(self.occupied, target)[:count]]
 
     def grouped(self, target: bytes, count: int) -> list:
-        """The spec's procedure, written out again: bucket ``j``, then ``j+1 .. L`` together,
-        then ``j-1`` … ``0``, each group ranked by (distance, slot), until ``count`` are
-        chosen."""
-        last = len(self.by_bucket) - 1
-        if last < 0:
+        """The spec's procedure, written out again: with ``P`` the last bucket's prefix length,
+        the buckets of prefix ``j``, then those of prefix ``> j`` together, then those of prefix
+        ``j-1`` … ``0``, each group ranked by (distance, slot), until ``count`` are chosen.
+        Without ``prefixes`` bucket ``b`` has prefix ``b``: bucket ``j``, then ``j+1 .. L``, then
+        ``j-1`` … ``0``."""
+        buckets = range(len(self.by_bucket))
+        if not buckets:
             return []
-        j = min(prefix_bits(self.local, as_int(target)), last)
-        groups = [[j], range(j + 1, last + 1)] + [[b] for b in range(j - 1, -1, -1)]
+        j = min(prefix_bits(self.local, as_int(target)), self.prefix_of(buckets[-1]))
+        of_prefix: dict[int, list[int]] = {}
+        for b in buckets:
+            of_prefix.setdefault(self.prefix_of(b), []).append(b)
+        groups = [of_prefix.get(j, []), [b for b in buckets if self.prefix_of(b) > j]]
+        groups += [of_prefix.get(p, []) for p in range(j - 1, -1, -1)]
         chosen: list[int] = []
         for group in groups:
             slots = [slot for b in group for slot in self.by_bucket[b]]
@@ -252,7 +265,63 @@ def any_tables(draw):
             return id_with_prefix(rng, base, bucket)
         return id_with_prefix(rng, base, rng.randrange(nbuckets + 2))
 
-    return Table(rng, bucket_size, sizes, local, make_id, repeats=draw(st.booleans()))
+    table = Table(rng, bucket_size, sizes, local, make_id, repeats=draw(st.booleans()))
+    if draw(st.booleans()):
+        table.prefixes = random_prefixes(rng, nbuckets)
+    return table
+
+
+def random_prefixes(rng: random.Random, nbuckets: int) -> bytes:
+    """Valid ``prefixes`` for ``nbuckets`` buckets: non-decreasing, below 160, the last greater
+    than every other; from a narrow range now and then, so that many buckets share a prefix."""
+    top = rng.choice([2, 5, 30, 159])
+    values = sorted(rng.randrange(top) for _ in range(nbuckets - 1))
+    tail = rng.randint(values[-1] + 1 if values else 0, ID_BITS - 1)
+    return bytes(values + [tail][:nbuckets])
+
+
+@st.composite
+def sub_bucketed_tables(draw):
+    """Well-formed layouts with ``prefixes``: the contacts of each prefix length ``p`` below the
+    tail ``P`` (if it has buckets at all) split over 1..4 sub-buckets of at most ``bucket_size``,
+    at random or in ID order (keyed by the next bits, as Kademlia's §4.2 buckets are); the last
+    bucket holds the IDs sharing at least ``P`` bits. Shallow (``P`` < 31, less for big buckets),
+    deep (``P`` 100..159, few prefixes with buckets) and many buckets (every prefix from 20 on
+    split, so that the C kernel's copies of sizes and prefixes often do not fit on its stack).
+    Drawn from a seed: the many random calls would exceed what hypothesis lets one example draw."""
+    rng = random.Random(draw(st.integers(0, 2**64)))
+    depth = draw(st.sampled_from(["shallow", "shallow", "deep", "many"]))
+    first = 20 if depth == "many" else 0  # the first prefix that may have buckets
+    if depth == "shallow":
+        bucket_size = draw(bucket_sizes)
+        tail, keep = rng.randint(0, min(30, 300 // bucket_size)), 0.8
+    elif depth == "deep":
+        bucket_size, tail, keep = draw(st.sampled_from([1, 3, 8])), rng.randint(100, 159), 0.1
+    else:
+        bucket_size, tail, keep = draw(st.sampled_from([1, 2])), rng.randint(140, 159), 1.0
+    fill = draw(fills)
+    local = local_ids(rng, draw(st.sampled_from(["random", "random", "zero", "ones"])))
+    prefixes: list[int] = []
+    sizes: list[int] = []
+    members: list[int] = []
+    for p in range(tail):
+        if p < first or rng.random() >= keep:
+            continue
+        split = fill_sizes(rng, fill, bucket_size, rng.randint(1, 4))
+        ids = [id_with_prefix(rng, local, p) for _ in range(sum(split))]
+        if rng.random() < 0.5:
+            ids.sort()
+        members += ids
+        prefixes += [p] * len(split)
+        sizes += split
+    size = fill_sizes(rng, fill, bucket_size, 1)[0]
+    members += [id_with_prefix(rng, local, deep_prefix(rng, tail)) for _ in range(size)]
+    prefixes.append(tail)
+    sizes.append(size)
+    ids = iter(members)
+    table = Table(rng, bucket_size, sizes, local, lambda bucket: next(ids))
+    table.prefixes = bytes(prefixes) if rng.random() < 0.5 else bytearray(prefixes)
+    return table
 
 
 @st.composite
@@ -265,9 +334,10 @@ def table_targets(draw, table: Table):
     kind = draw(st.sampled_from(kinds))
     if kind == "random":
         return to_id(draw(ids))
-    if kind == "in bucket":
-        bucket = draw(st.integers(0, min(len(table.by_bucket) + 1, ID_BITS)))
-        return to_id(id_with_prefix(random.Random(draw(ids)), table.local, bucket))
+    if kind == "in bucket":  # a prefix length up to two past the last bucket's
+        tail = table.prefix_of(len(table.by_bucket) - 1) if table.by_bucket else -1
+        prefix = draw(st.integers(0, min(tail + 2, ID_BITS)))
+        return to_id(id_with_prefix(random.Random(draw(ids)), table.local, prefix))
     small = draw(st.integers(0, (1 << draw(small_bits)) - 1))
     if kind in ("local", "near local"):
         return to_id(table.local if kind == "local" else table.local ^ small)
@@ -340,9 +410,10 @@ def test_c_module_shape(both_kernels):
 def test_signatures_match(both_kernels):
     py, c = both_kernels
     for name in FUNCTIONS:
-        assert list(inspect.signature(getattr(c, name)).parameters) == list(
-            inspect.signature(getattr(py, name)).parameters
-        )
+        c_params = inspect.signature(getattr(c, name)).parameters.values()
+        py_params = inspect.signature(getattr(py, name)).parameters.values()
+        assert [(p.name, p.default) for p in c_params] == [(p.name, p.default) for p in py_params]
+    assert inspect.signature(c.closest_in_table).parameters["prefixes"].default is None
 
 
 @SETTINGS
@@ -378,9 +449,7 @@ def test_find_in_bucket(kernel, rng, slots, data):
         assert spec.find_in_bucket(contacts, first, count, node_id) == expected
 
 
-@FEW_EXAMPLES
-@given(table=well_formed_tables(), data=st.data())
-def test_closest_in_table_well_formed_is_the_full_scan(kernel, table, data):
+def check_full_scan(kernel, table: Table, data) -> None:
     total = len(table.occupied)
     for _ in range(4):
         target = data.draw(table_targets(table))
@@ -392,6 +461,37 @@ def test_closest_in_table_well_formed_is_the_full_scan(kernel, table, data):
         assert all(g is e for g, e in zip(got, expected))  # the very objects, not copies
         if kernel is not spec:
             assert spec.closest_in_table(*table.args(target, count)) == expected
+
+
+@FEW_EXAMPLES
+@given(table=well_formed_tables(), data=st.data())
+def test_closest_in_table_well_formed_is_the_full_scan(kernel, table, data):
+    check_full_scan(kernel, table, data)
+
+
+@SETTINGS
+@given(table=sub_bucketed_tables(), data=st.data())
+def test_closest_in_table_sub_buckets_is_the_full_scan(kernel, table, data):
+    """With ``prefixes``: several buckets per prefix length, any split of its contacts between
+    them, and a last bucket of any depth; the result is still the full scan's."""
+    check_full_scan(kernel, table, data)
+
+
+@FEW_EXAMPLES
+@given(table=well_formed_tables(), data=st.data())
+def test_prefixes_none_is_the_six_argument_call(kernel, table, data):
+    """``prefixes=None`` (positional or by keyword) is the call without it, and so is
+    ``prefixes=bytes(range(n))`` (bucket ``b`` has prefix ``b``) where it is valid (n <= 160)."""
+    nbuckets = len(table.by_bucket)
+    for _ in range(3):
+        target = data.draw(table_targets(table))
+        count = data.draw(counts_for(len(table.occupied), table.bucket_size))
+        args = table.args(target, count)
+        expected = kernel.closest_in_table(*args)
+        assert kernel.closest_in_table(*args, None) == expected
+        assert kernel.closest_in_table(*args, prefixes=None) == expected
+        if nbuckets <= ID_BITS:
+            assert kernel.closest_in_table(*args, bytes(range(nbuckets))) == expected
 
 
 @FEW_EXAMPLES
@@ -460,6 +560,26 @@ def test_closest_in_table_misplaced_ids_follow_the_procedure(both_kernels):
         assert kernel.closest_in_table(*layout, 1) == [far]
 
 
+def test_sub_buckets_of_one_prefix_are_ranked_together(both_kernels):
+    """Prefix 0 has two sub-buckets; the target shares no bit with the local ID, so they are the
+    first group, ranked together: the nearest is in the second sub-bucket, and a bad contact
+    there is read (and raises) even when the first sub-bucket alone holds ``count`` contacts.
+    Treating a sub-bucket as a group of its own would give ``far`` and no error."""
+    top = 1 << (ID_BITS - 1)
+    far, near = Entry(to_id(top), "far"), Entry(to_id(top | 1), "near")
+    deep = Entry(to_id(1), "deep")  # the last bucket, prefix 1.. (shares >= 1 bit with 0)
+    target = to_id(top | 1)
+    layout = (bytes([1, 1, 1]), 1, to_id(0), target)
+    for kernel in both_kernels:
+        assert kernel.closest_in_table([far, near, deep], *layout, 1, bytes([0, 0, 1])) == [near]
+        got = kernel.closest_in_table([far, near, deep], *layout, 3, bytes([0, 0, 1]))
+        assert got == [near, far, deep]
+        with pytest.raises(ArgumentTypeError, match=r"contacts\[1\]"):
+            kernel.closest_in_table([far, NoId(), deep], *layout, 1, bytes([0, 0, 1]))
+        # without prefixes bucket 1 has prefix 1, in the second group: bucket 0 alone suffices
+        assert kernel.closest_in_table([far, NoId(), deep], *layout, 1) == [far]
+
+
 def test_closest_in_table_deep_ties(kernel):
     """A last bucket of 255 IDs whose first 64 bits equal the local ID's, so high words tie, plus
     exact duplicates, which rank by slot; groups past 64 entries (sorted, not ranked by insertion);
@@ -519,12 +639,18 @@ def test_keyword_arguments(both_kernels):
     kwargs.update(bucket_size=3, local_id=table.local_id)
     for kernel in (py, c):
         assert kernel.closest_in_table(target=target, count=3, **kwargs) == table.brute(target, 3)
+        for prefixes in (None, bytes([0, 1]), bytearray([0, 1])):
+            got = kernel.closest_in_table(target=target, count=3, prefixes=prefixes, **kwargs)
+            assert got == table.brute(target, 3)
         assert kernel.bucket_index(node_id=target, local_id=target) == ID_BITS
     for call in (
         lambda k: k.closest_in_table(target=target, count=3, colour=1, **kwargs),
         lambda k: k.closest_in_table(table.contacts, target=target, count=3, **kwargs),
         lambda k: k.closest_in_table(*table.args(target, 3)[:-1]),
         lambda k: k.closest_in_table(*table.args(target, 3)[:3], target, 3),  # no local_id
+        lambda k: k.closest_in_table(*table.args(target, 3), None, None),  # 8 arguments
+        lambda k: k.closest_in_table(*table.args(target, 3), None, prefixes=None),
+        lambda k: k.closest_in_table(prefixes=None, **kwargs),  # no target, count
         lambda k: k.closest_in_sorted([], [], target),
         lambda k: k.bucket_index(target, target, target),
     ):
@@ -665,6 +791,42 @@ BAD_CALLS = [
     (*table_call(contacts=with_bad((0, None), (3, Entry(b"")))), "contacts[3]", ArgumentValueError),
     (*table_call(contacts=with_bad((0, Entry(b"")), (2, None))), "contacts[0]", ArgumentValueError),
     (*table_call(contacts=with_bad((3, Entry(b""))), count=-1), "count", ArgumentValueError),
+    # prefixes, the optional 7th argument, checked after the others (there, the parameter column
+    # holds the words that name the problem)
+    (*table_call(prefixes=[0, 1]), "prefixes must be bytes or bytearray", ArgumentTypeError),
+    (*table_call(prefixes="ab"), "prefixes must be bytes", ArgumentTypeError),
+    (*table_call(prefixes=memoryview(b"\0\1")), "prefixes must be bytes", ArgumentTypeError),
+    (*table_call(prefixes=1), "prefixes must be bytes", ArgumentTypeError),
+    (*table_call(prefixes=b"\0"), "prefixes has 1 entries but sizes has 2", ArgumentValueError),
+    (*table_call(prefixes=bytearray(3)), "prefixes has 3 entries but sizes has 2",
+     ArgumentValueError),
+    (*table_call(contacts=[], sizes=b"", prefixes=b"\0"), "prefixes has 1 entries but sizes has 0",
+     ArgumentValueError),
+    (*table_call(prefixes=bytes([1, 0])), "non-decreasing: prefixes[1] is 0 after 1",
+     ArgumentValueError),
+    (*table_call(prefixes=bytes([0, 160])), "prefixes[1] is 160, not below 160",
+     ArgumentValueError),
+    (*table_call(prefixes=bytearray([255, 255])), "prefixes[0] is 255", ArgumentValueError),
+    (*table_call(prefixes=bytes([7, 7])), "the last bucket's prefix must be greater",
+     ArgumentValueError),
+    (*table_call(sizes=bytes([1, 1, 1]), bucket_size=2, prefixes=bytes([0, 1, 1])),
+     "prefixes[2] is 1, as is prefixes[1]", ArgumentValueError),
+    (*table_call(sizes=bytes([1, 1, 1]), bucket_size=2, prefixes=bytes([0, 5, 3])),
+     "prefixes[2] is 3 after 5", ArgumentValueError),
+    # one pass: the first bad entry wins; checked even when count is 0 or the table is empty
+    (*table_call(sizes=bytes([1, 1, 1]), bucket_size=2, prefixes=bytes([4, 3, 200])),
+     "prefixes[1] is 3 after 4", ArgumentValueError),
+    (*table_call(sizes=bytes([1, 1, 1]), bucket_size=2, prefixes=bytes([4, 200, 3])),
+     "prefixes[1] is 200", ArgumentValueError),
+    (*table_call(count=0, prefixes=bytes([1, 0])), "non-decreasing", ArgumentValueError),
+    (*table_call(sizes=bytes(2), prefixes=bytes([3, 3])), "the last bucket", ArgumentValueError),
+    (*table_call(count=-1, prefixes=[0]), "count", ArgumentValueError),
+    (*table_call(target=None, prefixes=b"\0"), "target", ArgumentTypeError),
+    (*table_call(contacts=[], prefixes=[0]), "contacts", ArgumentValueError),
+    (*table_call(sizes=bytes([3, 4]), prefixes=b"\0"), "sizes", ArgumentValueError),
+    # with prefixes [0, 1] the groups are TABLE's default ones: slot 3, then 0, 1, 2
+    (*table_call(contacts=with_bad((1, None)), prefixes=bytes([0, 1])), "contacts[1]",
+     ArgumentTypeError),
     (*sorted_call(keys=tuple(KEYS)), "keys", ArgumentTypeError),
     (*sorted_call(values=tuple(VALUES)), "values", ArgumentTypeError),
     (*sorted_call(target=None), "target", ArgumentTypeError),
@@ -761,11 +923,27 @@ def test_no_reference_leaks(both_kernels):
     bad_tables = [[marker] * 5 + [entry] + [marker] * 594 for entry in (short, wrong, NoId())]
     getter = _Property(lambda: marker.node_id)  # read through PyObject_GetAttr in C
     getter_table = [getter] * 600
+    # sub-buckets in pairs (and the last deeper), as bytes and bytearray; and bad ones
+    pairs = bytes([b // 2 for b in range(29)] + [20])
+    good_prefixes = (pairs, bytearray(pairs), None)
+    bad_prefixes = (bytes([1, 0] * 15), bytes(30), bytes(29), list(pairs), bytes([200] * 30))
     watched = (marker, marker.node_id, short, short.node_id, wrong, wrong.node_id, local_id, getter)
+    watched += good_prefixes[:2] + bad_prefixes
+
+    def table_calls(kernel, count, target):  # a function: its locals go when it returns
+        for prefixes in good_prefixes:
+            kernel.closest_in_table(*table.args(target, count), prefixes)
+
+    def bad_prefix_calls(kernel):
+        for prefixes in bad_prefixes:
+            with pytest.raises((ArgumentTypeError, ArgumentValueError)):
+                kernel.closest_in_table(*table.args(targets[0], 3), prefixes)
+
     for kernel in both_kernels:
         for count in (3, 20, 100, 2**70):  # stack and heap buffers, one group and several
             for target in targets:
                 kernel.closest_in_table(*table.args(target, count))
+                table_calls(kernel, count, target)
                 kernel.closest_in_sorted(keys, values, target, count)
         gc.collect()
         before = [sys.getrefcount(o) for o in (*watched, *targets, keys[5])]
@@ -773,7 +951,11 @@ def test_no_reference_leaks(both_kernels):
             for count in (3, 20, 100, 2**70):
                 for target in targets:
                     kernel.closest_in_table(*table.args(target, count))
+                    table_calls(kernel, count, target)
                     kernel.closest_in_sorted(keys, values, target, count)
+            bad_prefix_calls(kernel)
+            with pytest.raises(ArgumentTypeError):  # a bad contact read, with prefixes
+                kernel.closest_in_table(bad_tables[2], *table.args(targets[0], 2**70)[1:], pairs)
             assert kernel.find_in_bucket(table.contacts, 40, 20, marker.node_id) == 40
             assert kernel.find_in_bucket(table.contacts, 40, 20, targets[0]) == -1
             assert kernel.find_in_bucket(getter_table, 40, 20, targets[0]) == -1
@@ -939,6 +1121,13 @@ def test_node_id_getters_that_change_the_table(both_kernels):
         getter = contacts[0] = _Property(lambda: (sizes.clear(), first.node_id)[1])
         got = kernel.closest_in_table(contacts, sizes, 4, table.local_id, target, 12)
         assert sizes == b"" and got == [getter if e is first else e for e in expected]
+
+        sizes, prefixes = bytearray(table.sizes), bytearray([0, 1, 2])  # read once too
+        getter = contacts[0] = _Property(
+            lambda: (sizes.clear(), prefixes.__setitem__(slice(None), bytes(3)), first.node_id)[2]
+        )
+        got = kernel.closest_in_table(contacts, sizes, 4, table.local_id, target, 12, prefixes)
+        assert prefixes == bytes(3) and got == [getter if e is first else e for e in expected]
 
         contacts = list(table.contacts)
         getter = contacts[0] = _Property(
