@@ -86,10 +86,24 @@ def test_global_view_formation_says_so_and_plots(tmp_path):
     assert row["success_rate"] == 1.0
 
 
+def test_more_bits_per_step_fill_more_buckets_and_still_find_every_record():
+    rows = {bits: _run("--sizes", "400", "--lookups", "20", "--join", "global", "--conditions", "no_loss",
+                       "--bucket-bits", str(bits), "--alpha", "4")[0] for bits in (1, 2)}
+    for bits, row in rows.items():
+        assert row["bucket_bits"] == bits and row["alpha"] == 4
+        assert row["success_rate"] == 1.0
+        assert sum(row["rounds_to_target_counts"].values()) == round(row["target_contacted_rate"] * 20)
+    assert rows[2]["table_size_median"] > rows[1]["table_size_median"]
+
+
 def test_bad_arguments_are_refused():
     done = subprocess.run([sys.executable, str(SCRIPT), "--conditions", "no_such"],
                           capture_output=True, text=True, timeout=TIMEOUT_S, cwd=ROOT)
     assert done.returncode == 2 and "no_such" in done.stderr
+    for args, named in ((["--bucket-bits", "5"], "--bucket-bits"), (["--alpha", "0"], "--alpha")):
+        done = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
+                              timeout=TIMEOUT_S, cwd=ROOT)
+        assert done.returncode == 2 and named in done.stderr
 
 
 # --- the simulated session layer ----------------------------------------------------------------
