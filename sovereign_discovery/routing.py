@@ -101,6 +101,17 @@ def _first_buckets(bits: int) -> tuple[int, ...]:
     return tuple(firsts)
 
 
+@functools.lru_cache(maxsize=None)
+def _unfolding(bits: int) -> tuple[tuple[int, int, int], ...]:
+    """``[p]``: (first bucket of prefix ``p``, shift, mask): an ID of prefix ``p`` is in bucket
+    first + ((ID >> shift) & mask), the bits after bit ``p`` up to the end of its digit."""
+    firsts, out = _first_buckets(bits), []
+    for prefix in range(NODE_ID_BITS):
+        level, width = _digit(prefix, bits)
+        out.append((firsts[prefix], NODE_ID_BITS - (level + width), _sub_buckets(prefix, bits) - 1))
+    return tuple(out)
+
+
 @dataclass(frozen=True, slots=True)
 class Contact:
     """A peer as the routing table knows it: its public key, where it was reached, and the node ID
@@ -410,10 +421,8 @@ class RoutingTable:
         the end of the digit."""
         if self._bits == 1:
             return prefix
-        level, width = _digit(prefix, self._bits)
-        end = level + width
-        sub = (int.from_bytes(node_id, "big") >> (NODE_ID_BITS - end)) & ((1 << (end - 1 - prefix)) - 1)
-        return _first_buckets(self._bits)[prefix] + sub
+        first, shift, mask = _unfolding(self._bits)[prefix]
+        return first + ((int.from_bytes(node_id, "big") >> shift) & mask) if mask else first
 
     def bucket(self, index: int) -> list[Contact]:
         """The contacts of bucket ``index``, least recently seen first."""
@@ -527,8 +536,9 @@ class RoutingTable:
             per_prefix[prefix] += 1
         if per_prefix[NODE_ID_BITS]:
             raise ArgumentValueError("load() was given the local ID")
-        per_bucket = per_prefix if self._bits == 1 else list(Counter(
-            self._unfolded(prefix, c.node_id) for c, prefix in zip(contacts, prefixes)).values())
+        unfolded = prefixes if self._bits == 1 else [
+            self._unfolded(prefix, c.node_id) for c, prefix in zip(contacts, prefixes)]
+        per_bucket = per_prefix if self._bits == 1 else list(Counter(unfolded).values())
         if max(per_bucket, default=0) > k:
             raise ArgumentValueError(f"load() takes at most bucket_size ({k}) contacts per prefix length"
                                      " (per bucket of it, with bucket_bits > 1)")
@@ -547,8 +557,9 @@ class RoutingTable:
             self._prefixes = bytearray(p for p in range(tail) for _ in range(_sub_buckets(p, self._bits)))
             self._prefixes.append(tail)
         by_bucket: list[list[Contact]] = [[] for _ in range(buckets)]
-        for contact, prefix in zip(contacts, prefixes):
-            by_bucket[self._bucket_of(prefix, contact.node_id)].append(contact)
+        last = buckets - 1
+        for contact, prefix, bucket in zip(contacts, prefixes, unfolded):
+            by_bucket[last if prefix >= tail else bucket].append(contact)
         self._slots = [None] * (k * buckets)
         self._seen = array(_SEEN, bytes(_SEEN_BYTES * k * buckets))
         for bucket, members in enumerate(by_bucket):
