@@ -625,10 +625,8 @@ class RoutingTable:
         prefix = index if self._prefixes is None else self._prefixes[index]
         value = self.random_id_with_prefix(prefix, rng).to_int()
         if self._bits > 1:  # the bits after the prefix's up to the digit's end name the bucket
-            level, width = _digit(prefix, self._bits)
-            shift = NODE_ID_BITS - (level + width)
-            free = ((1 << (level + width - 1 - prefix)) - 1) << shift
-            value = (value & ~free) | ((index - _first_buckets(self._bits)[prefix]) << shift)
+            first, shift, mask = _unfolding(self._bits)[prefix]
+            value = (value & ~(mask << shift)) | ((index - first) << shift)
         return NodeId.from_int(value)
 
     def random_id_with_prefix(self, prefix: int, rng: random.Random) -> NodeId:
@@ -700,7 +698,8 @@ class RoutingTable:
         prefix = self._kernel.bucket_index(self._local, node_id)
         if prefix >= NODE_ID_BITS:
             return -1, -1
-        bucket = self._bucket_of(prefix, node_id)
+        # one bucket per prefix length (the default): the hot path needs no call
+        bucket = min(prefix, len(self._sizes) - 1) if self._prefixes is None else self._bucket_of(prefix, node_id)
         first = bucket * self._k
         return bucket, self._kernel.find_in_bucket(self._slots, first, self._sizes[bucket], node_id)
 
