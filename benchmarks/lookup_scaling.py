@@ -452,7 +452,8 @@ def measure_size(size: int, args: argparse.Namespace, emit=None) -> list[dict[st
     load_before = _load_average()
     started = time.perf_counter()
     config = CONFIG if args.engine_caps == "default" else replace(CONFIG, **LEAN_CAPS)
-    config = replace(config, parallelism=args.alpha, bucket_bits=args.bucket_bits)
+    config = replace(config, parallelism=args.alpha, bucket_bits=args.bucket_bits,
+                     join_refresh_closest=args.join_refresh_closest)
     sim = make_sim(size, args.seed, args.sessions, config)
     build_s = time.perf_counter() - started
     started, cpu = time.perf_counter(), time.process_time()
@@ -482,6 +483,7 @@ def measure_size(size: int, args: argparse.Namespace, emit=None) -> list[dict[st
         "k": CONFIG.bucket_size,
         "alpha": config.parallelism,
         "bucket_bits": config.bucket_bits,
+        "join_refresh_closest": config.join_refresh_closest,
         "seed": args.seed,
         "bytes_per_node": round(bytes_per_node),
         "memory_method": "rss_delta",
@@ -666,6 +668,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"every engine's lookup parallelism, DhtConfig.parallelism ({CONFIG.parallelism})")
     parser.add_argument("--bucket-bits", type=int, default=CONFIG.bucket_bits,
                         help=f"every engine's Kademlia b, DhtConfig.bucket_bits ({CONFIG.bucket_bits})")
+    parser.add_argument("--join-refresh-closest", type=int, default=CONFIG.join_refresh_closest,
+                        help="closest peers a join refresh lookup ends at, DhtConfig."
+                        f"join_refresh_closest ({CONFIG.join_refresh_closest}; k = the paper's)")
     parser.add_argument("--join", choices=("auto", "protocol", "global"), default="auto",
                         help="network formation: protocol joins, a global view, or auto (by size)")
     parser.add_argument("--protocol-join-max", type=int, default=5000,
@@ -700,6 +705,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--alpha must be 1..255")
     if not 1 <= args.bucket_bits <= MAX_BUCKET_BITS:
         parser.error(f"--bucket-bits must be 1..{MAX_BUCKET_BITS}")
+    if not 1 <= args.join_refresh_closest <= 255:
+        parser.error("--join-refresh-closest must be 1..255")
     return args
 
 

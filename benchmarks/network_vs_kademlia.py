@@ -58,7 +58,7 @@ with ``subprocess`` and coordinated over pipes, one JSON object per line, as
    local copy is one valid record; a lookup with 0 requests is counted as a local hit).
 
 Settings (``settings`` in the output): ours runs ``DhtConfig()`` unchanged unless
-``--rate-limit`` is given. All our nodes share one IP, 127.0.0.1; the engine gives loopback
+``--dht NAME=VALUE`` (any ``DhtConfig`` setting, repeatable) or ``--rate-limit`` is given. All our nodes share one IP, 127.0.0.1; the engine gives loopback
 sources only its global token bucket (``rate_global_per_s`` = 2,000/s, burst 4,000, per node),
 which no node reaches here (``rate_limited`` drops are reported, and should be 0). The session
 layer's per-IP cap on outstanding WHOAREYOU challenges (64) applies to 127.0.0.1 as one IP; its
@@ -628,9 +628,8 @@ class Phase:
                 config = {"indices": indices, "seeds": [self.seeds[i].hex() for i in indices],
                           "lifetime_s": lifetime,
                           "inject_failure": args.inject_failure == self.impl and w == 1}
-                if self.impl == "ours" and args.rate_limit:
-                    config["dht_config"] = {"rate_global_per_s": args.rate_limit,
-                                            "burst_global": 2 * args.rate_limit}
+                if self.impl == "ours" and _dht_changes(args):
+                    config["dht_config"] = _dht_changes(args)
                 if self.impl == "kademlia":
                     config["values"] = {i: self.values[i].hex() for i in indices}
                 child = Child(f"{self.impl} worker {w}", ["--worker", self.impl], self.workers,
@@ -906,12 +905,42 @@ def _targets(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _dht_changes(args: argparse.Namespace) -> dict[str, Any]:
+    """Our nodes' ``DhtConfig`` settings changed from the library's: ``--dht``, then
+    ``--rate-limit``."""
+    changed = dict(args.dht)
+    if args.rate_limit:
+        changed.update(rate_global_per_s=args.rate_limit, burst_global=2 * args.rate_limit)
+    return changed
+
+
+def _parse_dht_settings(items: list[str], parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """``--dht NAME=VALUE`` items as ``DhtConfig`` keyword arguments, checked by ``DhtConfig``."""
+    from sovereign_discovery.node import DhtConfig
+
+    changed: dict[str, Any] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or not name:
+            parser.error(f"--dht: expected NAME=VALUE, got {item!r}")
+        try:
+            changed[name] = int(text) if text.lstrip("-").isdigit() else float(text)
+        except ValueError:
+            parser.error(f"--dht {name}: not a number: {text!r}")
+    try:
+        DhtConfig(**changed)
+    except TypeError as exc:  # an unknown name
+        parser.error(f"--dht: {exc}")
+    except ValueError as exc:
+        parser.error(f"--dht: {exc}")
+    return changed
+
+
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
     from sovereign_discovery.node import DhtConfig
 
-    changed = ({"rate_global_per_s": args.rate_limit, "burst_global": 2 * args.rate_limit}
-               if args.rate_limit else {})
-    default = DhtConfig()
+    changed = _dht_changes(args)
+    default = DhtConfig(**changed)
     return {
         "ours_dht_config_changed": changed,
         "ours_rate_limits": {
@@ -1025,6 +1054,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rate-limit", type=float, default=None,
                         help="set our nodes' rate_global_per_s (burst twice that); default:"
                         " the library's")
+    parser.add_argument("--dht", action="append", default=[], metavar="NAME=VALUE",
+                        help="change one of our nodes' DhtConfig settings (repeatable), e.g."
+                        " --dht join_refresh_closest=20; default: the library's")
     parser.add_argument("--warm-pass", action="store_true",
                         help="run the same lookups a second time (sessions and caches warm) and"
                         " report them apart (warm_pass)")
@@ -1057,6 +1089,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--join-concurrency must be in 1..1024")
     if args.rate_limit is not None and not args.rate_limit > 0:
         parser.error("--rate-limit must be positive")
+    args.dht = _parse_dht_settings(args.dht, parser)
     if args.plot_from and not args.plot:
         parser.error("--plot-from needs --plot")
     if args.plot and importlib.util.find_spec("matplotlib") is None:

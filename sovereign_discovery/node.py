@@ -43,7 +43,8 @@ reason at INFO, later ones at DEBUG); a bug is counted as ``internal_error`` wit
 Upkeep (docs/engine.md, "Upkeep"), run from :meth:`DhtEngine.handle_timer`: expiry of sessions
 and stored records; bucket refresh (Kademlia §2.3: a lookup of a random ID in every bucket idle for
 ``refresh_interval_s``, and right after the join's self-lookup in every empty bucket farther
-than the nearest neighbour plus at most ``join_refresh_buckets`` others, the farthest not full);
+than the nearest neighbour plus at most ``join_refresh_buckets`` others, the farthest not full,
+each ending at its ``join_refresh_closest`` closest);
 forgetting per-peer state that no longer matters; republishing the own record and announcements
 at half their TTL (§2.5); re-replicating stored records hourly (§2.5); eviction of table contacts
 that fail ``evict_after_failures`` requests in a row; the external address from PONG votes
@@ -255,6 +256,14 @@ class DhtConfig:
     #: refreshes every such bucket at once; geth adds 3 random lookups; go-libp2p-kad-dht skips
     #: buckets refreshed recently and stops after gaps).
     join_refresh_buckets: int = 1
+    #: The join's refresh lookups (above) end once this many of the closest peers to their
+    #: random target have answered, rather than k (capped at ``bucket_size``). A join refresh is
+    #: there to put contacts into an empty part of the table and the newcomer into the tables
+    #: there; the k nearest of a random point are not otherwise wanted. The lookup's first
+    #: answers already come from that part of the keyspace, so fewer closest cost fewer requests
+    #: for about the same result (docs/engine.md, "Upkeep"; docs/benchmarks.md, "Join refresh
+    #: depth"). The periodic refresh and every other lookup still seek k.
+    join_refresh_closest: int = 5
     #: A full bucket PINGs its least-recently-seen entry for a newcomer only if that entry was not
     #: heard from within this many seconds (BEP 5: a node that answered in the last 15 minutes is
     #: "good" and is not pinged); the newcomer waits in the replacement cache meanwhile.
@@ -277,7 +286,7 @@ class DhtConfig:
         ints = {"bucket_size", "parallelism", "bucket_bits", "max_outstanding_requests", "max_lookups",
                 "max_rtt_entries", "max_rate_limited_ips", "max_replications_per_upkeep",
                 "evict_after_failures", "min_address_votes", "max_address_voters",
-                "join_refresh_buckets", "record_quorum"}
+                "join_refresh_buckets", "join_refresh_closest", "record_quorum"}
         may_be_zero = {"join_refresh_buckets", "liveness_recent_s", "record_quorum"}
         for f in fields(self):
             name, value = f.name, getattr(self, f.name)
@@ -1196,9 +1205,11 @@ class DhtEngine:
         return query
 
     def _start_lookup(self, query: _Query, now: float, extra_seeds: Iterable[Contact] = (),
-                      deadline_s: float | None = None, no_requests: bool = False) -> None:
+                      deadline_s: float | None = None, no_requests: bool = False,
+                      closest: int | None = None) -> None:
         """Start ``query``'s lookup from the table's closest and ``extra_seeds``; with
-        ``no_requests`` (already answered locally) it has no seeds and ends at once."""
+        ``no_requests`` (already answered locally) it has no seeds and ends at once. ``closest``
+        (at most k) ends it once that many closest have answered instead of k."""
         running = sum(1 for q in self._queries.values() if q.lookup is not None and not q.lookup.finished)
         seeds: list[Contact] = []
         if running >= self._config.max_lookups and not no_requests:
@@ -1212,6 +1223,8 @@ class DhtEngine:
         params = self._lookup_params
         if deadline_s is not None:
             params = replace(params, deadline_s=deadline_s)
+        if closest is not None and closest < params.bucket_size:
+            params = replace(params, bucket_size=closest)  # max_candidates stays
         query.lookup = Lookup(self._id, query.target, seeds, params=params, now=now,
                               request_timeout_s=self._lookup_timeout)
         self._drive(query, now)
@@ -1333,7 +1346,11 @@ class DhtEngine:
           (they cover most of the keyspace, so most lookups start there); the rest fill from
           the traffic that reaches the node (paper §2.3: "buckets are generally kept fresh by the
           traffic of requests traveling through nodes") and from the periodic refresh of buckets
-          still idle after ``refresh_interval_s`` (§2.3; go-libp2p-kad-dht's rule too)."""
+          still idle after ``refresh_interval_s`` (§2.3; go-libp2p-kad-dht's rule too).
+
+        Each of these lookups ends once ``join_refresh_closest`` (5) of the closest to its random
+        target have answered, not k: its answers come from the prefix it refreshes from the
+        first hop on, and the k nearest of a random point are not otherwise wanted."""
         table, budget = self._table, self._config.join_refresh_buckets
         # Counted by common-prefix length, not by the table's buckets: a table of exactly k
         # contacts has not split yet, and its one bucket would hide every empty prefix length.
@@ -1348,7 +1365,7 @@ class DhtEngine:
                     continue
                 budget -= 1
             refresh = self._new_query("refresh", table.random_id_with_prefix(prefix, self._rng))
-            self._start_lookup(refresh, now)
+            self._start_lookup(refresh, now, closest=self._config.join_refresh_closest)
             started.append(refresh.id)
         return started
 

@@ -96,11 +96,22 @@ def test_more_bits_per_step_fill_more_buckets_and_still_find_every_record():
     assert rows[2]["table_size_median"] > rows[1]["table_size_median"]
 
 
+def test_join_refresh_closest_is_passed_to_every_engine_and_shortens_the_join():
+    rows = {n: _run("--sizes", "300", "--lookups", "20", "--join", "protocol", "--conditions", "no_loss",
+                    "--join-refresh-closest", str(n))[0] for n in (5, 20)}
+    for n, row in rows.items():
+        assert row["join_refresh_closest"] == n and row["joined_by_protocol"] is True
+        assert row["success_rate"] == 1.0
+    # The same joins and announces; refresh lookups that end at 5 closest send fewer requests.
+    assert rows[5]["datagrams_formation"] < rows[20]["datagrams_formation"]
+
+
 def test_bad_arguments_are_refused():
     done = subprocess.run([sys.executable, str(SCRIPT), "--conditions", "no_such"],
                           capture_output=True, text=True, timeout=TIMEOUT_S, cwd=ROOT)
     assert done.returncode == 2 and "no_such" in done.stderr
-    for args, named in ((["--bucket-bits", "5"], "--bucket-bits"), (["--alpha", "0"], "--alpha")):
+    for args, named in ((["--bucket-bits", "5"], "--bucket-bits"), (["--alpha", "0"], "--alpha"),
+                        (["--join-refresh-closest", "0"], "--join-refresh-closest")):
         done = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
                               timeout=TIMEOUT_S, cwd=ROOT)
         assert done.returncode == 2 and named in done.stderr

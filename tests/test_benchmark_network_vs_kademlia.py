@@ -177,9 +177,21 @@ def test_skip_kademlia_runs_ours_alone_and_says_so():
     assert any("--skip-kademlia" in note for note in row["notes"])
 
 
+def test_dht_settings_reach_our_nodes_and_are_reported():
+    done = _run(["--nodes", "6", "--processes", "2", "--lookups", "3", "--json", "--no-progress",
+                 "--skip-kademlia", "--dht", "join_refresh_closest=3", "--dht", "parallelism=2"])
+    assert done.returncode == 0, done.stderr
+    row = json.loads(done.stdout)
+    assert row["settings"]["ours_dht_config_changed"] == {"join_refresh_closest": 3, "parallelism": 2}
+    assert row["settings"]["ours"].startswith("DhtNode, k=20, alpha=2")
+    assert row["ours_success"] == 1.0
+
+
 def test_bad_arguments_exit_non_zero():
     for bad in (["--nodes", "1"], ["--nodes", "x"], ["--processes", "0"], ["--lookups", "0"],
-                ["--plot-from", "rows.jsonl"]):
+                ["--plot-from", "rows.jsonl"], ["--dht", "no_such_setting=1"],
+                ["--dht", "join_refresh_closest=0"], ["--dht", "parallelism"],
+                ["--dht", "parallelism=x"]):
         done = _run(bad)
         assert done.returncode == 2, (bad, done.stderr)
         assert "error" in done.stderr

@@ -128,8 +128,8 @@ def _prefix(engine: DhtEngine, node_id: bytes) -> int:
 
 def test_join_refreshes_every_prefix_farther_than_the_nearest_neighbour_with_a_large_budget():
     # Kademlia §2.3 as the paper has it: the budget covers every prefix length (none is full:
-    # k = 20), the farthest first.
-    newcomer, finished = _join_network(DhtConfig(join_refresh_buckets=64))
+    # k = 20), the farthest first, each a lookup of the k closest.
+    newcomer, finished = _join_network(DhtConfig(join_refresh_buckets=64, join_refresh_closest=20))
     prefixes = [_prefix(newcomer, e.target) for e in finished[1:]]
     assert sorted(prefixes) == list(range(len(prefixes)))
     assert len(prefixes) >= newcomer.table.bucket_count - 1 >= 1
@@ -180,6 +180,28 @@ def test_join_refreshes_every_empty_prefix_and_the_farthest_others_within_its_bu
     assert unsplit_with_holes >= 1
 
 
+def test_join_refresh_lookups_end_at_join_refresh_closest_and_still_fill_every_empty_prefix():
+    # The join's refresh lookups end once join_refresh_closest of the closest to their target
+    # have answered (default 5), not k: fewer requests, and every prefix length that was empty
+    # still gets contacts. The self-lookup before them still seeks k.
+    assert DhtConfig().join_refresh_closest == 5
+    sent = {}
+    for closest in (5, 20):
+        newcomer, finished = _join_network(DhtConfig(join_refresh_buckets=64,
+                                                     join_refresh_closest=closest), size=120)
+        bootstrap, refreshes = finished[0], finished[1:]
+        assert len(bootstrap.closest) == 20
+        assert refreshes and all(len(e.closest) <= closest for e in refreshes)
+        assert max(len(e.closest) for e in refreshes) == closest
+        held = {_prefix(newcomer, c.node_id) for c in newcomer.table}
+        assert all(_prefix(newcomer, e.target) in held for e in refreshes)
+        sent[closest] = sum(e.requests for e in refreshes)
+    assert sent[5] < sent[20]
+    # Capped at k: a larger value is a full lookup, never an error.
+    newcomer, finished = _join_network(DhtConfig(bucket_size=4, join_refresh_closest=5), size=40)
+    assert all(len(e.closest) <= 4 for e in finished)
+
+
 def test_join_refresh_skips_prefixes_that_are_already_full(monkeypatch):
     # k = 2 and prefix length 0 full before the join: it is not looked up, the budget goes on.
     seen = _refreshes_as_seen_at_join_end(monkeypatch)
@@ -194,7 +216,8 @@ def test_join_refresh_skips_prefixes_that_are_already_full(monkeypatch):
 
 def test_config_accepts_zero_only_where_it_means_none():
     assert DhtConfig(join_refresh_buckets=0, liveness_recent_s=0).liveness_recent_s == 0
-    for bad in ({"join_refresh_buckets": -1}, {"liveness_recent_s": -1.0}, {"upkeep_interval_s": 0}):
+    for bad in ({"join_refresh_buckets": -1}, {"liveness_recent_s": -1.0}, {"upkeep_interval_s": 0},
+                {"join_refresh_closest": 0}):
         try:
             DhtConfig(**bad)
         except ValueError as exc:
