@@ -628,7 +628,7 @@ class Phase:
                 config = {"indices": indices, "seeds": [self.seeds[i].hex() for i in indices],
                           "lifetime_s": lifetime,
                           "inject_failure": args.inject_failure == self.impl and w == 1}
-                if self.impl == "ours" and _dht_changes(args):
+                if self.impl == "ours":
                     config["dht_config"] = _dht_changes(args)
                 if self.impl == "kademlia":
                     config["values"] = {i: self.values[i].hex() for i in indices}
@@ -929,9 +929,7 @@ def _parse_dht_settings(items: list[str], parser: argparse.ArgumentParser) -> di
             parser.error(f"--dht {name}: not a number: {text!r}")
     try:
         DhtConfig(**changed)
-    except TypeError as exc:  # an unknown name
-        parser.error(f"--dht: {exc}")
-    except ValueError as exc:
+    except (TypeError, ValueError) as exc:  # an unknown name, or a value DhtConfig refuses
         parser.error(f"--dht: {exc}")
     return changed
 

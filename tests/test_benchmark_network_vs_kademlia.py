@@ -177,7 +177,7 @@ def test_skip_kademlia_runs_ours_alone_and_says_so():
     assert any("--skip-kademlia" in note for note in row["notes"])
 
 
-def test_dht_settings_reach_our_nodes_and_are_reported():
+def test_dht_settings_are_checked_and_reported():
     done = _run(["--nodes", "6", "--processes", "2", "--lookups", "3", "--json", "--no-progress",
                  "--skip-kademlia", "--dht", "join_refresh_closest=3", "--dht", "parallelism=2"])
     assert done.returncode == 0, done.stderr
