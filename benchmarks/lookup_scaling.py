@@ -6,7 +6,7 @@ nodes up, under four conditions (issue 6, item 1).
 Run ``python benchmarks/lookup_scaling.py [--sizes 100,1000] [--lookups 200] [--seed 1]
 [--sessions simulated|real] [--engine-caps default|lean] [--alpha 3] [--bucket-bits 1]
 [--join auto|protocol|global]
-[--protocol-join-max N] [--conditions no_loss,loss_10,...] [--json] [--plot FILE.png]
+[--protocol-join-max N] [--gc frozen|default] [--conditions no_loss,loss_10,...] [--json] [--plot FILE.png]
 [--no-progress]``. Every random
 choice comes from ``--seed``: the same arguments give the same figures (wall times and memory
 aside). Speed is reported, never asserted; ``tests/test_benchmark_lookup_scaling.py`` checks the
@@ -75,6 +75,11 @@ delay drawn from a log-normal distribution with median 50 ms and σ(ln) = 0.5 (p
 datagrams reorder); no bandwidth limit, no processing time (virtual time does not advance while an
 engine computes); loss, where a condition has it, drops each datagram independently.
 
+Collector (``--gc``): with every engine in one heap, CPython's automatic cyclic collection
+traverses the whole network again and again as it grows; by default it is off and the benchmark
+collects and freezes at batch boundaries instead (``Collector``), reporting in every row what the
+collections found and took (``gc_collected``, ``gc_s``). The engines' figures do not change.
+
 Output: a table on stdout, or with ``--json`` one JSON object per line per size and condition.
 ``--plot FILE.png`` draws median rounds (to the target, and to the end) and median requests
 against the size (log x) for every condition (matplotlib, from the ``bench`` extra). A progress
@@ -85,6 +90,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import gc
 import importlib.util
 import json
 import math
@@ -183,6 +189,68 @@ class Progress:
             sys.stderr.flush()
 
 
+# --- the cyclic garbage collector ----------------------------------------------------------------
+
+
+class Collector:
+    """CPython's cyclic garbage collector, with a whole network of engines in one heap.
+
+    A full collection (generation 2) traverses every container object the process holds (about
+    1.2 million at 5,000 nodes: 1.5 s), and CPython starts one whenever the objects promoted since
+    the last one exceed a quarter of the rest (the ``gc`` module's long-lived heuristic). A growing
+    network keeps promoting (tables, stores, lookups in flight), so every join pays for traversals
+    of the whole network: 40 % of the join's CPU at 5,000 nodes (docs/benchmarks.md, "The cyclic
+    collector"). Reference counting frees everything the engines drop; only reference cycles need
+    the collector, and the audit below counts them.
+
+    ``frozen`` (the default): automatic collection is off; at every batch boundary (1,000 joins,
+    announces or refreshes, the end of each condition) ``sweep`` collects what was allocated since
+    the previous one and freezes the survivors (``gc.freeze``: a permanent generation that later
+    collections skip), so no object is traversed twice by a sweep. ``audit`` (once after formation
+    and once after the last condition) unfreezes everything and runs one full collection: a cycle
+    that a sweep could not see (one reaching a frozen object) is found there. ``default``: CPython's
+    automatic collection, untouched, for comparison. In both, the rows report the collections, the
+    unreachable objects they found (``gc_collected``: 0 means the engines made no garbage cycles)
+    and the seconds they took (``gc_s``).
+    """
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.seconds = 0.0
+        self._started = 0.0
+        self._stats = [dict(s) for s in gc.get_stats()]
+        gc.callbacks.append(self._time)
+        if mode == "frozen":
+            gc.disable()
+            self.sweep()
+
+    def _time(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._started
+
+    def sweep(self) -> None:
+        if self.mode == "frozen":
+            gc.collect()
+            gc.freeze()
+
+    def audit(self) -> None:
+        if self.mode == "frozen":
+            gc.unfreeze()
+            gc.collect()
+            gc.freeze()
+
+    def figures(self) -> dict[str, Any]:
+        stats = gc.get_stats()
+        return {
+            "gc": self.mode,
+            "gc_collections": sum(s["collections"] - b["collections"] for s, b in zip(stats, self._stats)),
+            "gc_collected": sum(s["collected"] - b["collected"] for s, b in zip(stats, self._stats)),
+            "gc_s": round(self.seconds, 2),
+        }
+
+
 # --- the simulated network ----------------------------------------------------------------------
 
 
@@ -196,14 +264,18 @@ class Sim:
     contacts: list[Contact]
     identities: list[Identity]
     records: dict[int, bytes] = field(default_factory=dict)  # node index -> its own encoded record
+    collector: Collector | None = None
 
     def call(self, i: int, action) -> Any:
         return self.net.call(self.addresses[i], action)
 
     def drain(self) -> None:
-        """Drop every engine's pending events (they would only accumulate)."""
+        """Drop every engine's pending events (they would only accumulate); a batch boundary for
+        the collector."""
         for engine in self.engines:
             engine.events()
+        if self.collector is not None:
+            self.collector.sweep()
 
     def settle(self, seconds: float = SETTLE_S) -> None:
         self.net.run_until(self.net.now + seconds, max_events=MAX_EVENTS)
@@ -296,6 +368,8 @@ def announce_by_protocol(sim: Sim, interval_s: float, show: bool) -> int:
                     if isinstance(event, RecordAnnounced) and queries.get(j) == event.query:
                         stored += event.stored_at > 0
                         del queries[j]
+            if sim.collector is not None:
+                sim.collector.sweep()
     progress.close()
     for i, engine in enumerate(sim.engines):
         sim.records[i] = engine.own_record.encoded
@@ -454,7 +528,9 @@ def measure_size(size: int, args: argparse.Namespace, emit=None) -> list[dict[st
     config = CONFIG if args.engine_caps == "default" else replace(CONFIG, **LEAN_CAPS)
     config = replace(config, parallelism=args.alpha, bucket_bits=args.bucket_bits,
                      join_refresh_closest=args.join_refresh_closest)
+    collector = Collector(args.gc)
     sim = make_sim(size, args.seed, args.sessions, config)
+    sim.collector = collector
     build_s = time.perf_counter() - started
     started, cpu = time.perf_counter(), time.process_time()
     if join == "protocol":
@@ -469,6 +545,8 @@ def measure_size(size: int, args: argparse.Namespace, emit=None) -> list[dict[st
         join_s, announce_s = time.perf_counter() - started, 0.0
         join_cpu, announce_cpu = time.process_time() - cpu, 0.0
     bytes_per_node = (rss_bytes() - rss_before) / size
+    collector.audit()
+    gc_formation_s = collector.seconds
     datagrams_formation = sim.net.stats["sent"]
     tables = sorted(len(e.table) for e in sim.engines)
     common = {
@@ -496,6 +574,7 @@ def measure_size(size: int, args: argparse.Namespace, emit=None) -> list[dict[st
         "announce_cpu_s": round(announce_cpu, 2),
         "load_average_before": load_before,
         "datagrams_formation": datagrams_formation,
+        "gc_formation_s": round(gc_formation_s, 2),
         "kernel": KERNEL,
         "python_version": platform.python_version(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}",
@@ -522,6 +601,7 @@ def measure_size(size: int, args: argparse.Namespace, emit=None) -> list[dict[st
         figures = run_lookups(sim, draw_pairs(rng, alive, args.lookups), show, f"{size} nodes: {condition}")
         sim.net.link = LinkModel(LATENCY_MEDIAN_S, LATENCY_SIGMA)
         sim.drain()
+        collector.audit()
         row = {**common, "condition": condition, "loss": loss,
                "crashed_fraction": len(crashed) / size if condition.startswith("crashed") else 0.0,
                **figures,
@@ -531,7 +611,8 @@ def measure_size(size: int, args: argparse.Namespace, emit=None) -> list[dict[st
                "liveness_checks": _liveness_checks(sim),
                "datagrams": sim.net.stats["sent"] - sent_before,
                "requests_not_sent": _requests_not_sent(sim),
-               "virtual_time_s": round(sim.net.now, 1)}
+               "virtual_time_s": round(sim.net.now, 1),
+               **collector.figures()}
         row["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         rows.append(row)
         if emit is not None:
@@ -677,6 +758,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="with --join auto, the largest size formed by protocol joins (5000)")
     parser.add_argument("--join-interval", type=float, default=0.01,
                         help="virtual seconds between two joins (announces, refreshes) (0.01)")
+    parser.add_argument("--gc", choices=("frozen", "default"), default="frozen",
+                        help="the cyclic collector: swept and frozen at batch boundaries, or "
+                        "CPython's automatic collection (frozen)")
     parser.add_argument("--conditions", default=",".join(CONDITIONS),
                         help="comma-separated subset of " + ",".join(CONDITIONS))
     parser.add_argument("--json", action="store_true", help="one JSON object per line per size and condition")

@@ -106,12 +106,27 @@ def test_join_refresh_closest_is_passed_to_every_engine_and_shortens_the_join():
     assert rows[5]["datagrams_formation"] < rows[20]["datagrams_formation"]
 
 
+def test_the_frozen_collector_changes_no_figure_only_how_often_the_heap_is_traversed():
+    rows = {mode: _run("--sizes", "300", "--lookups", "20", "--join", "protocol", "--conditions",
+                       "no_loss", "--gc", mode)[0] for mode in ("frozen", "default")}
+    frozen, default = rows["frozen"], rows["default"]
+    assert frozen["gc"] == "frozen" and default["gc"] == "default"
+    for key in ("datagrams_formation", "success_rate", "rounds_to_target_counts", "median_requests",
+                "p50_ms", "table_size_median", "datagrams"):
+        assert frozen[key] == default[key], key  # the same run, datagram for datagram
+    # sweeps at batch boundaries and two audits instead of a collection every 700 allocations
+    assert 0 < frozen["gc_collections"] < default["gc_collections"]
+    for row in rows.values():
+        assert row["gc_collected"] >= 0 and row["gc_s"] >= row["gc_formation_s"] >= 0
+
+
 def test_bad_arguments_are_refused():
     done = subprocess.run([sys.executable, str(SCRIPT), "--conditions", "no_such"],
                           capture_output=True, text=True, timeout=TIMEOUT_S, cwd=ROOT)
     assert done.returncode == 2 and "no_such" in done.stderr
     for args, named in ((["--bucket-bits", "5"], "--bucket-bits"), (["--alpha", "0"], "--alpha"),
-                        (["--join-refresh-closest", "0"], "--join-refresh-closest")):
+                        (["--join-refresh-closest", "0"], "--join-refresh-closest"),
+                        (["--gc", "never"], "--gc")):
         done = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
                               timeout=TIMEOUT_S, cwd=ROOT)
         assert done.returncode == 2 and named in done.stderr
