@@ -415,7 +415,8 @@ class DhtEngine:
                  "_learn_address", "_liveness_failed", "_lookup_params", "_next_query", "_next_upkeep",
                  "_out", "_own_record", "_published", "_queries", "_republish_at", "_requests",
                  "_responder", "_rng", "_rtt", "_sent", "_session", "_stats_evicted", "_stats_corrected", "_stats_retries",
-                 "_store", "_table", "_timer_seq", "_timers", "_unix_offset", "_votes")
+                 "_store", "_table", "_timer_seq", "_timers", "_unix_offset", "_votes",
+                 "_lookup_deadlines")
 
     def __init__(
         self,
@@ -485,6 +486,9 @@ class DhtEngine:
         #: (when, request ID) of every request's retry and deadline, a heap; entries of requests
         #: answered or already retried are dropped when they reach the top (or on a rebuild)
         self._timers: list[tuple[float, int, bytes]] = []
+        #: (overall deadline, query ID) of every lookup started; entries of lookups that ended
+        #: are dropped when they reach the top (next_deadline)
+        self._lookup_deadlines: list[tuple[float, int]] = []
         self._timer_seq = 0
         #: request ID -> ((peer ID, address), drop reason, forget at) of requests recently
         #: finished, oldest first: bounded in count and kept past the deadline as long as the request had
@@ -685,12 +689,18 @@ class DhtEngine:
             heapq.heappop(timers)
         if timers and timers[0][0] < deadline:
             deadline = timers[0][0]
-        for query in self._queries.values():
-            lookup = query.lookup
-            if lookup is not None:
-                when = lookup.next_deadline()
-                if when is not None and when < deadline:
+        # A lookup's per-peer timeouts are its requests' deadlines (``_lookup_timeout`` is the
+        # deadline ``_request`` sets, from the same ``now`` and RTO), already on ``timers``; only
+        # each lookup's overall deadline needs a heap of its own.
+        lookups, queries = self._lookup_deadlines, self._queries
+        while lookups:
+            when, query_id = lookups[0]
+            query = queries.get(query_id)
+            if query is not None and query.lookup is not None and not query.lookup.finished:
+                if when < deadline:
                     deadline = when
+                break
+            heapq.heappop(lookups)
         return deadline
 
     # --- commands ------------------------------------------------------------------------------------
@@ -1227,6 +1237,7 @@ class DhtEngine:
             params = replace(params, bucket_size=closest)  # max_candidates stays
         query.lookup = Lookup(self._id, query.target, seeds, params=params, now=now,
                               request_timeout_s=self._lookup_timeout)
+        heapq.heappush(self._lookup_deadlines, (query.lookup.deadline, query.id))
         self._drive(query, now)
 
     def _lookup_timeout(self, contact: Contact) -> float:

@@ -357,6 +357,35 @@ def test_response_from_another_peer_is_dropped():
     assert a.stats()["messages_in"]["pong"] == 2
 
 
+def test_next_deadline_names_each_lookups_request_timeouts_and_its_overall_deadline():
+    """A lookup's per-peer timeouts are its requests' deadlines (on the engine's timer heap);
+    its overall deadline is a timer of its own, and a lookup that ended leaves no timer."""
+    hand = Hand()
+    a = hand.add(make_engine(1, A), A)
+    silent = hand.add(Client(50), D)
+    a.table.insert(silent.contact(D), 0.0)
+    short = a.find_node(bytes(20), 0.0, deadline_s=INITIAL_RTO_S / 2)
+    hand.pump(0.0)
+    assert len(silent.take()) == 1
+    assert a.next_deadline() == INITIAL_RTO_S / 2  # the lookup's deadline, before the retry
+    a.handle_timer(INITIAL_RTO_S / 2)
+    [finished] = of_type(a.events(), LookupFinished)
+    assert finished.query == short and finished.timed_out
+    assert a.next_deadline() == INITIAL_RTO_S  # the request's retry; the lookup left no timer
+    long = a.find_node(bytes(19) + b"\x01", 0.0, deadline_s=100.0)
+    hand.pump(0.0)
+    assert len(silent.take()) == 1
+    a.handle_timer(INITIAL_RTO_S)  # both requests retried
+    hand.pump(INITIAL_RTO_S)
+    assert len(silent.take()) == 2
+    assert a.next_deadline() == 2 * INITIAL_RTO_S  # the silent peer's timeout in the long lookup
+    a.handle_timer(2 * INITIAL_RTO_S)
+    [finished] = of_type(a.events(), LookupFinished)  # no one else to ask: it ends there
+    assert finished.query == long and not finished.timed_out and finished.closest == ()
+    assert a.stats()["outstanding_requests"] == 0
+    assert a.next_deadline() > 2 * INITIAL_RTO_S  # upkeep only
+
+
 def test_requests_over_the_rate_limit_are_dropped_while_others_are_served():
     config = DhtConfig(rate_per_ip_per_s=1.0, burst_per_ip=3.0)
     hand = Hand()
