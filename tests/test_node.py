@@ -372,7 +372,8 @@ def test_next_deadline_names_each_lookups_request_timeouts_and_its_overall_deadl
     [finished] = of_type(a.events(), LookupFinished)
     assert finished.query == short and finished.timed_out
     assert a.next_deadline() == INITIAL_RTO_S  # the request's retry; the lookup left no timer
-    long = a.find_node(bytes(19) + b"\x01", 0.0, deadline_s=100.0)
+    # its deadline comes before the next upkeep, so a timer it left behind would show
+    long = a.find_node(bytes(19) + b"\x01", 0.0, deadline_s=2.5 * INITIAL_RTO_S)
     hand.pump(0.0)
     assert len(silent.take()) == 1
     a.handle_timer(INITIAL_RTO_S)  # both requests retried
@@ -384,6 +385,7 @@ def test_next_deadline_names_each_lookups_request_timeouts_and_its_overall_deadl
     assert finished.query == long and not finished.timed_out and finished.closest == ()
     assert a.stats()["outstanding_requests"] == 0
     assert a.next_deadline() > 2 * INITIAL_RTO_S  # upkeep only
+    assert a.next_deadline() > 2.5 * INITIAL_RTO_S  # not the ended lookup's deadline
 
 
 def test_requests_over_the_rate_limit_are_dropped_while_others_are_served():
